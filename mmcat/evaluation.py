@@ -1,0 +1,87 @@
+"""Evaluation of one model in three modes from the same weights: fused, image only, text only.
+
+The ablations hide a modality through the model's own masks (``has_image`` / ``has_text``), the same path the
+model learned with modality dropout, so they measure what a deployed model does when a photo or text is missing.
+Each rank evaluates its own shards; predictions are gathered as objects with ``gather_for_metrics``, so the
+counts are exact (no padded duplicates) whatever the number of ranks. Ranks step in lockstep: one that has run out
+of batches runs a throw-away forward on a dummy batch, because DeepSpeed ZeRO-3 gathers parameters collectively in
+every forward and a rank that stopped early would hang the others.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+from mmcat.metrics import MODES, classification_metrics
+
+
+def mode_masks(batch: Dict[str, Any], mode: str):
+    has_image, has_text = batch["has_image"], batch["has_text"]
+    if mode == "image_only":
+        has_text = torch.zeros_like(has_text)
+    elif mode == "text_only":
+        has_image = torch.zeros_like(has_image)
+    return has_image, has_text
+
+
+def forward_batch(model: torch.nn.Module, batch: Dict[str, Any], mode: str = "fused",
+                  image_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    has_image, has_text = mode_masks(batch, mode)
+    pixels = batch["pixel_values"]
+    if image_dtype is not None:  # DeepSpeed bf16 holds bf16 weights and no autocast: cast the input to match
+        pixels = pixels.to(image_dtype)
+    return model(pixels, batch["input_ids"], batch["attention_mask"], has_image, has_text)
+
+
+def dummy_batch(tokenizer: Any, image_size: int) -> Dict[str, Any]:
+    """A one-sample batch with neither modality, for lockstep forwards whose output is thrown away."""
+    enc = tokenizer([""], return_tensors="pt")
+    return {
+        "pixel_values": torch.zeros(1, 3, image_size, image_size),
+        "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+        "has_image": torch.zeros(1, dtype=torch.bool), "has_text": torch.zeros(1, dtype=torch.bool),
+        "labels": torch.zeros(1, dtype=torch.long),
+    }
+
+
+def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelerator, labels: Sequence[str],
+             dummy: Dict[str, Any], modes: Sequence[str] = MODES,
+             image_dtype: Optional[torch.dtype] = None) -> Dict[str, Dict]:
+    """Metrics per mode over every sample that ``batches`` yields on every rank."""
+    was_training = model.training
+    model.eval()
+    preds: Dict[str, List[int]] = {m: [] for m in modes}
+    targets: List[int] = []
+    skipped = 0
+    iterator = iter(batches)
+    dummy = to_device(dummy, accelerator.device)
+    while True:
+        batch = next(iterator, None)
+        has_batch = torch.tensor([0 if batch is None else 1], device=accelerator.device)
+        if accelerator.reduce(has_batch, "sum").item() == 0:
+            break
+        real = batch is not None
+        batch = to_device(batch, accelerator.device) if real else dummy
+        with accelerator.autocast():
+            for mode in modes:
+                logits = forward_batch(model, batch, mode, image_dtype)
+                if real:
+                    preds[mode].extend(logits.argmax(dim=-1).tolist())
+        if real:
+            targets.extend(batch["labels"].tolist())
+            skipped += int(batch.get("skipped", 0))
+    model.train(was_training)
+
+    all_targets = accelerator.gather_for_metrics(targets, use_gather_object=True)
+    results: Dict[str, Dict] = {}
+    for mode in modes:
+        all_preds = accelerator.gather_for_metrics(preds[mode], use_gather_object=True)
+        results[mode] = classification_metrics(all_targets, all_preds, labels)
+    results["skipped_samples"] = int(sum(accelerator.gather_for_metrics([skipped], use_gather_object=True)))
+    return results

@@ -1,0 +1,117 @@
+"""One Accelerator for every launcher: plain python, torchrun, ``accelerate launch`` (DDP or DeepSpeed), SLURM.
+
+What this module makes automatic (each was a silent failure before):
+- no CUDA -> the gloo process-group backend (NCCL needs GPUs);
+- never ``cpu=True``: it silently drops DeepSpeed;
+- under DeepSpeed, gradient accumulation, clipping and the micro-batch size come from the trainer config only:
+  the DeepSpeed JSON must say ``"auto"`` for them (or the same number), else we stop before any work — DeepSpeed
+  would otherwise silently override accelerate;
+- combinations that cannot work (fp16 without CUDA) fail before any work with a config error.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
+
+from mmcat.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# DeepSpeed keys the trainer config owns: JSON value must be "auto" or equal to ours.
+_OWNED_KEYS = {
+    "gradient_accumulation_steps": lambda c: c.train.grad_accum,
+    "gradient_clipping": lambda c: float(c.train.clip_grad_norm),
+    "train_micro_batch_size_per_gpu": lambda c: c.train.batch_size,
+}
+
+
+def deepspeed_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
+def check_precision(precision: str, use_deepspeed: bool) -> None:
+    if precision == "fp16" and not torch.cuda.is_available():
+        where = "DeepSpeed" if use_deepspeed else "mixed precision"
+        raise ConfigError(f"config key 'train.precision': fp16 {where} needs a CUDA GPU; use bf16 or no on CPU")
+    if precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ConfigError("config key 'train.precision': this GPU has no bf16 support; use fp16 (with loss scaling)")
+
+
+def _deepspeed_plugin(cfg: Any) -> DeepSpeedPlugin:
+    """Build the plugin from the JSON that ``accelerate launch`` points at, with the trainer's owned values filled in."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and path != "none":
+        ds_config: Dict[str, Any] = json.loads(Path(path).read_text())
+    else:  # `--use_deepspeed --zero_stage N` without a JSON: accelerate's env-var plugin settings
+        ds_config = {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))}}
+    for key, ours in _OWNED_KEYS.items():
+        value = ds_config.get(key, "auto")
+        if value != "auto" and value != ours(cfg):
+            raise ConfigError(
+                f"DeepSpeed config {path}: '{key}' is {value} but the trainer config says {ours(cfg)}; "
+                f"set it to \"auto\" so mmcat's config is the single source"
+            )
+        ds_config[key] = ours(cfg)
+    ds_config.pop("train_batch_size", None)  # derived by accelerate from the three values above
+    for mode in ("bf16", "fp16"):  # precision too is the trainer's: "auto" (or agreeing) in the JSON
+        want = cfg.train.precision == mode
+        section = ds_config.get(mode)
+        if section is None:
+            if want:
+                ds_config[mode] = {"enabled": True}
+            continue
+        enabled = section.get("enabled", "auto")
+        if enabled != "auto" and bool(enabled) != want:
+            raise ConfigError(
+                f"DeepSpeed config {path}: '{mode}.enabled' is {enabled} but train.precision is "
+                f"{cfg.train.precision}; set it to \"auto\" so mmcat's config is the single source"
+            )
+        if want or mode == "bf16":
+            section["enabled"] = want
+        else:  # an fp16 section without fp16 training: drop it (its loss-scale keys would still be read)
+            del ds_config[mode]
+    return DeepSpeedPlugin(hf_ds_config=ds_config)
+
+
+def build_accelerator(cfg: Any) -> Accelerator:
+    use_ds = deepspeed_requested()
+    check_precision(cfg.train.precision, use_ds)
+    out = Path(cfg.output_dir)
+    kwargs_handlers: List[Any] = []
+    if not torch.cuda.is_available():
+        kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    extra: Dict[str, Any] = {}
+    if use_ds:
+        extra["deepspeed_plugin"] = _deepspeed_plugin(cfg)
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher_precision and launcher_precision != cfg.train.precision:
+        log.warning("the launcher asks for mixed precision %r, the mmcat config for %r: using train.precision=%r",
+                    launcher_precision, cfg.train.precision, cfg.train.precision)
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
+        kwargs_handlers=kwargs_handlers,
+        step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
+        **extra,
+    )
+    if accelerator.gradient_accumulation_steps != cfg.train.grad_accum:  # pragma: no cover - guarded above
+        raise ConfigError("gradient accumulation disagrees between accelerate and the trainer config")
+    return accelerator
+
+
+def describe(accelerator: Accelerator) -> str:
+    ds = accelerator.state.deepspeed_plugin
+    engine = f"DeepSpeed ZeRO-{ds.zero_stage}" if ds is not None else accelerator.distributed_type.value
+    return (
+        f"device={accelerator.device} precision={accelerator.mixed_precision} world_size={accelerator.num_processes} "
+        f"engine={engine} backend={getattr(accelerator.state, 'backend', None)}"
+    )
