@@ -45,11 +45,14 @@ def format_table(results: Dict[str, Dict], title: str = "") -> str:
 
 
 def confusion_image(matrix: List[List[int]], cell: int = 24) -> np.ndarray:
-    """Row-normalised confusion matrix as an RGB heat map (HWC uint8) for TensorBoard, without matplotlib."""
-    import cv2
+    """Row-normalised confusion matrix as an RGB heat map (HWC uint8) for TensorBoard.
 
+    Pure numpy on purpose: OpenCV in the trainer process would start its thread pool there, and a DataLoader
+    worker forked afterwards deadlocks in OpenCV (the pool's lock is copied held).
+    """
     m = np.asarray(matrix, dtype=np.float64)
     norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
-    gray = (norm * 255).astype(np.uint8)
-    big = cv2.resize(gray, (gray.shape[1] * cell, gray.shape[0] * cell), interpolation=cv2.INTER_NEAREST)
-    return cv2.cvtColor(cv2.applyColorMap(big, cv2.COLORMAP_VIRIDIS), cv2.COLOR_BGR2RGB)
+    big = np.kron(norm, np.ones((cell, cell)))  # nearest-neighbour upscale
+    # dark blue (0) -> yellow (1)
+    low, high = np.array([48, 18, 59], dtype=np.float64), np.array([249, 231, 33], dtype=np.float64)
+    return (low + big[..., None] * (high - low)).astype(np.uint8)

@@ -36,6 +36,19 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
 
 
+def launched_distributed() -> bool:
+    """torchrun / accelerate launch / DeepSpeed set LOCAL_RANK; a plain ``python`` run is a single process
+    (passing a backend there makes accelerate expect a process group that nobody starts)."""
+    return "LOCAL_RANK" in os.environ or deepspeed_requested()
+
+
+def process_group_kwargs() -> List[Any]:
+    """gloo when there is no CUDA (NCCL needs GPUs); accelerate's own default otherwise."""
+    if not torch.cuda.is_available() and launched_distributed():
+        return [InitProcessGroupKwargs(backend="gloo")]
+    return []
+
+
 def check_precision(precision: str, use_deepspeed: bool) -> None:
     if precision == "fp16" and not torch.cuda.is_available():
         where = "DeepSpeed" if use_deepspeed else "mixed precision"
@@ -77,6 +90,9 @@ def _deepspeed_plugin(cfg: Any) -> DeepSpeedPlugin:
             section["enabled"] = want
         else:  # an fp16 section without fp16 training: drop it (its loss-scale keys would still be read)
             del ds_config[mode]
+    if cfg.train.precision == "bf16":
+        # DeepSpeed casts parameters to bf16 but keeps buffers as loaded (fp32): BatchNorm would then mix dtypes
+        ds_config.setdefault("data_types", {}).setdefault("buffer_dtype", "bf16")
     return DeepSpeedPlugin(hf_ds_config=ds_config)
 
 
@@ -84,9 +100,7 @@ def build_accelerator(cfg: Any) -> Accelerator:
     use_ds = deepspeed_requested()
     check_precision(cfg.train.precision, use_ds)
     out = Path(cfg.output_dir)
-    kwargs_handlers: List[Any] = []
-    if not torch.cuda.is_available():
-        kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    kwargs_handlers = process_group_kwargs()
     extra: Dict[str, Any] = {}
     if use_ds:
         extra["deepspeed_plugin"] = _deepspeed_plugin(cfg)
