@@ -119,6 +119,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         print(f"mmcat {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
+        # raised in a DataLoader worker, the message carries the worker's traceback: its last line is the error
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        print(f"mmcat {args.command}: error: {lines[-1] if lines else type(exc).__name__}", file=sys.stderr)
+        return 1
+
+
+def _is_user_error(exc: Exception) -> bool:
+    """Bad data or a missing model: one line for the user, not a traceback (only modules already imported)."""
+    known = []
+    for module, name in (("mmcat.data.sources", "DataError"), ("mmcat.data.samples", "BadSampleError"),
+                         ("mmcat.models.text", "ModelLoadError"), ("mmcat.models.image", "ModelLoadError")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None:
+            known.append(cls)
+    return isinstance(exc, tuple(known))
 
 
 if __name__ == "__main__":  # pragma: no cover

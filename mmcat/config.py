@@ -43,6 +43,7 @@ class PackConfig:
     image_column: str = "image"
     text_columns: List[str] = field(default_factory=lambda: ["title", "description"])
     label_column: str = "category"
+    labels: Optional[str] = None  # label whitelist (labels.json list or one per line): fixes order, rejects others
     splits: Dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
     seed: int = 0
     image_size: int = 256

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from mmcat.artifact import load_artifact
 from mmcat.evaluation import dummy_batch, evaluate
 from mmcat.metrics import MODES, format_table, summary
-from mmcat.train.accel import process_group_kwargs
+from mmcat.train.accel import multi_cpu_ddp, process_group_kwargs
 
 
 def evaluate_artifact(model_dir: str, data_root: str, split: str = "test", batch_size: int = 64,
@@ -19,7 +19,7 @@ def evaluate_artifact(model_dir: str, data_root: str, split: str = "test", batch
     from mmcat.config import ConfigError
     from mmcat.data import build_eval_loader, read_labels
 
-    acc = Accelerator(kwargs_handlers=process_group_kwargs())
+    acc = Accelerator(cpu=multi_cpu_ddp(), kwargs_handlers=process_group_kwargs())
     art = load_artifact(model_dir, device=acc.device)
     data_cfg = art.cfg.data.copy()
     data_cfg.root = data_root

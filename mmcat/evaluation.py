@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from mmcat.data.loader import iterate_batches
 from mmcat.metrics import MODES, classification_metrics
 
 
@@ -59,23 +60,23 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelera
     preds: Dict[str, List[int]] = {m: [] for m in modes}
     targets: List[int] = []
     skipped = 0
-    iterator = iter(batches)
     dummy = to_device(dummy, accelerator.device)
-    while True:
-        batch = next(iterator, None)
-        has_batch = torch.tensor([0 if batch is None else 1], device=accelerator.device)
-        if accelerator.reduce(has_batch, "sum").item() == 0:
-            break
-        real = batch is not None
-        batch = to_device(batch, accelerator.device) if real else dummy
-        with accelerator.autocast():
-            for mode in modes:
-                logits = forward_batch(model, batch, mode, image_dtype)
-                if real:
-                    preds[mode].extend(logits.argmax(dim=-1).tolist())
-        if real:
-            targets.extend(batch["labels"].tolist())
-            skipped += int(batch.get("skipped", 0))
+    with iterate_batches(batches) as iterator:
+        while True:
+            batch = next(iterator, None)
+            has_batch = torch.tensor([0 if batch is None else 1], device=accelerator.device)
+            if accelerator.reduce(has_batch, "sum").item() == 0:
+                break
+            real = batch is not None
+            batch = to_device(batch, accelerator.device) if real else dummy
+            with accelerator.autocast():
+                for mode in modes:
+                    logits = forward_batch(model, batch, mode, image_dtype)
+                    if real:
+                        preds[mode].extend(logits.argmax(dim=-1).tolist())
+            if real:
+                targets.extend(batch["labels"].tolist())
+                skipped += int(batch.get("skipped", 0))
     model.train(was_training)
 
     all_targets = accelerator.gather_for_metrics(targets, use_gather_object=True)

@@ -2,7 +2,9 @@
 
 What this module makes automatic (each was a silent failure before):
 - no CUDA -> the gloo process-group backend (NCCL needs GPUs);
-- never ``cpu=True``: it silently drops DeepSpeed;
+- no CUDA + several processes + plain DDP -> ``cpu=True``: without it accelerate silently runs every rank as an
+  independent single process (no gradient sync, no reductions);
+- no CUDA + DeepSpeed -> never ``cpu=True``: it silently drops DeepSpeed;
 - under DeepSpeed, gradient accumulation, clipping and the micro-batch size come from the trainer config only:
   the DeepSpeed JSON must say ``"auto"`` for them (or the same number), else we stop before any work — DeepSpeed
   would otherwise silently override accelerate;
@@ -109,6 +111,7 @@ def build_accelerator(cfg: Any) -> Accelerator:
         log.warning("the launcher asks for mixed precision %r, the mmcat config for %r: using train.precision=%r",
                     launcher_precision, cfg.train.precision, cfg.train.precision)
     accelerator = Accelerator(
+        cpu=multi_cpu_ddp(),
         mixed_precision=cfg.train.precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with="tensorboard",
@@ -117,9 +120,22 @@ def build_accelerator(cfg: Any) -> Accelerator:
         step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
         **extra,
     )
+    check_distributed(accelerator)
     if accelerator.gradient_accumulation_steps != cfg.train.grad_accum:  # pragma: no cover - guarded above
         raise ConfigError("gradient accumulation disagrees between accelerate and the trainer config")
     return accelerator
+
+
+def multi_cpu_ddp() -> bool:
+    return not torch.cuda.is_available() and launched_distributed() and not deepspeed_requested()
+
+
+def check_distributed(accelerator: Accelerator) -> None:
+    """Refuse to train N copies of one model side by side: a launched world must really be distributed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and (accelerator.num_processes != world or accelerator.distributed_type.value == "NO"):
+        raise RuntimeError(f"launched with WORLD_SIZE={world} but accelerate set up "
+                           f"{accelerator.distributed_type.value} with {accelerator.num_processes} process(es)")
 
 
 def describe(accelerator: Accelerator) -> str:

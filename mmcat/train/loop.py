@@ -13,6 +13,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from mmcat.config import to_container, to_yaml
+from mmcat.data import iterate_batches
 from mmcat.evaluation import dummy_batch, evaluate, forward_batch, to_device
 from mmcat.metrics import confusion_image, format_table, summary
 from mmcat.train.accel import build_accelerator, describe
@@ -101,6 +102,9 @@ class Trainer:
         self.image_dtype = torch.bfloat16 if self.deepspeed and cfg.train.precision == "bf16" else None
         self.dummy = dummy_batch(self.tokenizer, cfg.data.image_size)
         self.state = TrainerState()
+        # accumulation windows carry across epoch ends (DeepSpeed's semantics), so these outlive an epoch
+        self._pending = torch.zeros(3, dtype=torch.long)
+        self._save_pending = False
 
     # ------------------------------------------------------------------------------------------ evaluation
     def _eval_batches(self, split: str):
@@ -148,6 +152,7 @@ class Trainer:
         acc.wait_for_everyone()
 
     def _save(self) -> None:
+        self._save_pending = False
         save_checkpoint(self.accelerator, self.ckpt_root, self.state, self.cfg.train.keep_checkpoints)
 
     # ---------------------------------------------------------------------------------------------- train
@@ -182,12 +187,17 @@ class Trainer:
 
     def _run_epoch(self, preempt: PreemptionFlag) -> Tuple[bool, bool]:
         """Train from the current position to the end of the epoch. Returns (stop, preempted)."""
-        cfg, acc, st, t = self.cfg, self.accelerator, self.state, self.cfg.train
+        cfg, acc, st = self.cfg, self.accelerator, self.state
         info = self._build_train_loader(cfg, self.tokenizer, acc.process_index, acc.num_processes,
                                         epoch=st.epoch, skip_batches=st.batch_in_epoch)
-        local = torch.zeros(3, dtype=torch.long)  # samples, skipped samples, preemption requested
+        with iterate_batches(info.loader) as batches:
+            return self._train_batches(batches, preempt)
+
+    def _train_batches(self, batches, preempt: PreemptionFlag) -> Tuple[bool, bool]:
+        acc, st, t = self.accelerator, self.state, self.cfg.train
+        local = self._pending  # samples, skipped samples, preemption requested — since the last optimizer step
         fetch_start = time.perf_counter()
-        for batch in info.loader:
+        for batch in batches:
             self.meter.wait += time.perf_counter() - fetch_start
             batch = to_device(batch, acc.device)
             with acc.accumulate(self.model):
@@ -217,7 +227,7 @@ class Trainer:
                 stop = st.global_step >= self.total_steps
                 if t.eval_every > 0 and st.global_step % t.eval_every == 0:
                     stop = self._eval_and_export() or stop
-                if t.save_every > 0 and st.global_step % t.save_every == 0:
+                if self._save_pending or (t.save_every > 0 and st.global_step % t.save_every == 0):
                     self._save()
                 if stop:
                     return True, False
@@ -225,7 +235,10 @@ class Trainer:
         st.epoch, st.batch_in_epoch = st.epoch + 1, 0
         stop = t.eval_every == 0 and self._eval_and_export()
         if t.save_every == 0:
-            self._save()
+            # a checkpoint holds no half-accumulated gradients: mid-window, save at the next optimizer step
+            self._save_pending = not acc.sync_gradients
+            if acc.sync_gradients:
+                self._save()
         return stop, False
 
     def _log_step(self, loss: torch.Tensor) -> None:

@@ -44,7 +44,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int
 
 
 def total_optimizer_steps(cfg: Any, batches_per_epoch: int) -> int:
-    steps = math.ceil(batches_per_epoch * cfg.train.epochs / cfg.train.grad_accum)
+    """Full accumulation windows only: windows run across epoch ends, and a trailing partial window is not run."""
+    steps = max(1, batches_per_epoch * cfg.train.epochs // cfg.train.grad_accum)
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else steps
 
 

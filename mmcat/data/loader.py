@@ -1,0 +1,379 @@
+"""Train and eval loaders over WebDataset shards (webdataset public API + a few small, picklable stages).
+
+Train stream of one rank, built per epoch and fully determined by (seed, epoch, rank, world size, num_workers):
+
+1. the shard list is shuffled with ``seed + epoch`` -- the same order on every rank -- and only *then* split by
+   rank (``order[rank::world]``) and by loader worker (``[worker::num_workers]``), so each epoch every rank reads a
+   different, disjoint subset and together the ranks read every shard (webdataset's ``shardshuffle`` would shuffle
+   after the split and pin each rank to the same subset forever);
+2. each worker reads its shards in a loop (``webdataset.tarfile_samples``), shuffles samples in a buffer seeded
+   from (seed, epoch, rank, worker), checks labels/text, decodes (OpenCV), augments with per-sample seeds, and
+   batches + tokenizes (fast tokenizer, dynamic padding) inside the worker;
+3. every worker yields exactly ``ceil(ceil(N / (B * world)) / workers)`` batches (N from ``sizes.json``; open_clip's
+   rule), looping over its shards when they run short, so all ranks run the same number of steps (no DDP hang).
+
+Exact mid-epoch resume (``skip_batches=k``): a DataLoader hands out batch i from worker ``i % W``. The resumed
+loader's worker w plays the part of worker ``(w + k) % W`` of the uninterrupted run (same shards, same seeds), and
+drops that worker's first ``ceil((k - v) / W)`` batches' worth of samples *before* decoding them, so batch 0 of the
+resumed loader is batch k of the full epoch. Skipped samples are only label-checked, not decoded: an image that
+fails to decode inside the skipped range shifts the rest of that worker's epoch by one sample.
+
+Resampled mode (``data.resampled=true``) draws shards with replacement (per-root ``data.weights``) with a seeded
+RNG per (rank, worker); epochs are "virtual" (``data.samples_per_epoch`` or the size tables).
+
+Bad samples are skipped and counted (``batch["skipped"]``), or raise with ``data.strict=true``.
+Do not pass the train loader through ``accelerator.prepare``: it is already split per rank.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import count
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, get_worker_info
+
+from mmcat.data.samples import IMAGE_EXTS, BadSample, BadSampleCounter, LabelReader, decode_image, parse_sample
+from mmcat.data.sources import DataError, ShardSource, all_shards, read_labels, shard_sources, total_samples
+from mmcat.data.transforms import eval_view, to_pixel_values, train_view
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenization runs in loader workers, one thread each
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoaderInfo:
+    loader: DataLoader
+    batches_per_epoch: int  # per rank, identical on every rank (a full epoch, including skipped batches)
+    samples_per_epoch: int  # global, as counted in the size tables (or data.samples_per_epoch)
+    num_shards: int
+    skip_batches: int = 0  # this loader yields batches_per_epoch - skip_batches batches
+
+
+# --------------------------------------------------------------------------------------------- deterministic plan
+def stable_seed(*parts: Any) -> int:
+    """A seed from ints/strings that is the same in every process (``hash(str)`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def epoch_shard_order(shards: Sequence[str], seed: int, epoch: int) -> List[str]:
+    """The epoch's global shard order: identical on every rank, different every epoch."""
+    order = sorted(shards)
+    random.Random(stable_seed(seed, epoch, "shards")).shuffle(order)
+    return order
+
+
+def rank_shards(shards: Sequence[str], seed: int, epoch: int, rank: int, world_size: int) -> List[str]:
+    """This rank's shards: shuffle with the shared seed first, then split by node."""
+    return epoch_shard_order(shards, seed, epoch)[rank::world_size]
+
+
+def batches_per_worker(num_samples: int, batch_size: int, world_size: int, num_workers: int) -> int:
+    per_rank = math.ceil(num_samples / (batch_size * world_size))
+    return max(1, math.ceil(per_rank / max(1, num_workers)))
+
+
+def worker_skip(skip_batches: int, virtual_worker: int, num_workers: int) -> int:
+    """Batches of ``virtual_worker`` that lie before loader batch ``skip_batches`` (batch i comes from i % W)."""
+    return max(0, -(-(skip_batches - virtual_worker) // num_workers))
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    if info is None:
+        return 0, 1
+    import cv2
+
+    cv2.setNumThreads(1)  # one decode thread per loader worker: the workers are the parallelism
+    return info.id, info.num_workers
+
+
+# ------------------------------------------------------------------------------------------------ pipeline stages
+@dataclass
+class _Plan:
+    """Everything a worker needs to know which samples it yields; copied into every worker process."""
+
+    shards: List[str]  # this rank's shards (train) or the split's shards (eval)
+    shard_weights: Optional[List[float]]  # resampled mode: draw probabilities
+    mode: str  # "train" | "resampled" | "eval"
+    seed: int
+    epoch: int
+    rank: int
+    world_size: int
+    num_workers: int
+    batch_size: int
+    batches_per_worker: int  # 0 = until the shards are exhausted (eval)
+    skip_batches: int = 0
+
+    def virtual_worker(self) -> int:
+        worker, n = _worker()
+        assert n == self.num_workers, (n, self.num_workers)
+        return (worker + self.skip_batches) % n
+
+    def base_seed(self, v: int) -> int:
+        return stable_seed(self.seed, self.epoch, self.rank, self.world_size, self.num_workers, v)
+
+
+class _Members:
+    """``select_files`` for tar reading: members the pipeline does not use (e.g. ``json`` when labels come from
+    ``cls``, embeddings written by other tools) are skipped without being read into memory."""
+
+    def __init__(self, label_key: str) -> None:
+        self.wanted = {*IMAGE_EXTS, "txt", "cls" if label_key == "cls" else "json"}
+
+    def __call__(self, fname: str) -> bool:
+        name = fname.rsplit("/", 1)[-1]
+        return "." in name and name.split(".", 1)[1].lower() in self.wanted
+
+
+class _RawSamples:
+    """Source stage: raw tar samples of this worker's shards (looping in train mode, once in eval mode)."""
+
+    def __init__(self, plan: _Plan, counter: BadSampleCounter, members: "_Members") -> None:
+        self.plan, self.counter, self.members = plan, counter, members
+
+    def _urls(self, v: int) -> Iterator[str]:
+        p = self.plan
+        if p.mode == "resampled":
+            rng = random.Random(stable_seed(p.base_seed(v), "resample"))
+            while True:
+                yield rng.choices(p.shards, weights=p.shard_weights)[0]
+        mine = p.shards[v::p.num_workers]
+        if p.mode == "eval":  # a rank or worker may have no eval shards: it yields nothing, the evaluator copes
+            yield from mine
+            return
+        if not mine:
+            raise DataError(f"loader worker {v} of rank {p.rank} has no shards")  # guarded earlier, kept for safety
+        for rep in count():  # loop over the worker's shards until it has yielded its batches
+            order = list(mine)
+            if rep:
+                random.Random(stable_seed(p.base_seed(v), "pass", rep)).shuffle(order)
+            yield from order
+
+    def __call__(self) -> Iterator[Dict[str, Any]]:
+        v = self.plan.virtual_worker()
+        read_since_last_sample, num_urls = 0, max(1, len(self.plan.shards))
+        for url in self._urls(v):
+            got = 0
+            for sample in wds.tarfile_samples(iter([{"url": url}]), handler=self.counter.handler,
+                                              select_files=self.members):
+                got += 1
+                yield sample
+            read_since_last_sample = 0 if got else read_since_last_sample + 1
+            if read_since_last_sample > 2 * num_urls:  # would otherwise loop forever on unreadable shards
+                raise DataError(f"no readable samples in the shards of loader worker {v} (last: {url})")
+
+
+class _ShuffleParseSkip:
+    """Seeded shuffle buffer, cheap checks (label, text), then the resume skip -- all before any image decode."""
+
+    def __init__(self, plan: _Plan, counter: BadSampleCounter, labels: LabelReader, bufsize: int) -> None:
+        self.plan, self.counter, self.labels, self.bufsize = plan, counter, labels, bufsize
+
+    def __call__(self, src: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+        p = self.plan
+        v = p.virtual_worker()
+        # a buffer larger than the worker's share of the epoch only makes it read its shards again to fill it
+        bufsize = min(self.bufsize, p.batches_per_worker * p.batch_size)
+        if p.mode != "eval" and bufsize > 1:
+            src = wds.shuffle(bufsize, min(bufsize, 100), seed=stable_seed(p.base_seed(v), "buffer"))(src)
+        skip = worker_skip(p.skip_batches, v, p.num_workers) * p.batch_size
+        index = 0
+        for raw in src:
+            try:
+                sample = parse_sample(raw, self.labels)
+            except BadSample as exc:
+                self.counter.record(str(exc), f"{raw.get('__key__')} in {raw.get('__url__')}")
+                continue
+            index += 1
+            if index <= skip:
+                if index == skip:
+                    self.counter.take()  # bad samples in the skipped range were reported by the earlier run
+                continue
+            sample["seed"] = stable_seed(p.base_seed(v), "sample", index)
+            yield sample
+
+
+class _DecodeAugment:
+    def __init__(self, counter: BadSampleCounter, image_size: int, train: bool) -> None:
+        self.counter, self.size, self.train = counter, image_size, train
+
+    def __call__(self, src: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+        for s in src:
+            if s["image"] is None:
+                s["pixels"] = None
+            else:
+                try:
+                    img = decode_image(s["image"], self.size)  # decoded no smaller than the output
+                except BadSample as exc:
+                    self.counter.record(str(exc), f"{s['key']} in {s['url']}")
+                    continue
+                rng = random.Random(s["seed"]) if self.train else None
+                s["pixels"] = train_view(img, self.size, rng) if rng else eval_view(img, self.size)
+            del s["image"]
+            yield s
+
+
+class _Collate:
+    """Batch in the worker: stack images, normalise once per batch, tokenize all texts in one call."""
+
+    def __init__(self, tokenizer: Any, max_length: int, image_size: int, counter: BadSampleCounter) -> None:
+        self.tokenizer, self.max_length, self.size, self.counter = tokenizer, max_length, image_size, counter
+
+    def __call__(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        images = np.zeros((len(samples), self.size, self.size, 3), np.uint8)
+        for i, s in enumerate(samples):
+            if s["pixels"] is not None:
+                images[i] = s["pixels"]
+        has_image = torch.tensor([s["pixels"] is not None for s in samples], dtype=torch.bool)
+        # a sample without text gets the empty string: only the special tokens ([CLS][SEP])
+        tok = self.tokenizer([s["text"] or "" for s in samples], padding=True, truncation=True,
+                             max_length=self.max_length, return_tensors="pt", return_token_type_ids=False)
+        return {
+            "pixel_values": to_pixel_values(images, has_image),
+            "input_ids": tok["input_ids"].long(),
+            "attention_mask": tok["attention_mask"].long(),
+            "has_image": has_image,
+            "has_text": torch.tensor([s["text"] is not None for s in samples], dtype=torch.bool),
+            "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+            "keys": [s["key"] for s in samples],
+            "skipped": self.counter.take(),
+        }
+
+
+class _Limit:
+    """Per-worker epoch length (webdataset's ``with_epoch`` takes one count for all workers; after a resume the
+    workers have different numbers of batches left)."""
+
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan
+
+    def __call__(self, src: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+        p = self.plan
+        if p.batches_per_worker <= 0:
+            yield from src
+            return
+        v = p.virtual_worker()
+        left = p.batches_per_worker - worker_skip(p.skip_batches, v, p.num_workers)
+        if left <= 0:
+            return
+        for i, batch in enumerate(src):  # stop right after the last batch: pulling one more would decode it
+            yield batch
+            if i + 1 >= left:
+                return
+
+
+def _pipeline(plan: _Plan, data_cfg: Any, tokenizer: Any) -> wds.DataPipeline:
+    train = plan.mode != "eval"
+    counter = BadSampleCounter(bool(data_cfg.strict))
+    labels = LabelReader(str(data_cfg.label_key), read_labels(data_cfg))
+    size = int(data_cfg.image_size)
+    stages = [
+        _RawSamples(plan, counter, _Members(str(data_cfg.label_key))),
+        _ShuffleParseSkip(plan, counter, labels, int(data_cfg.shuffle_buffer)),
+        _DecodeAugment(counter, size, train),
+        wds.batched(plan.batch_size, collation_fn=_Collate(tokenizer, int(data_cfg.max_text_length), size, counter),
+                    partial=not train),
+        _Limit(plan),
+    ]
+    return wds.DataPipeline(*stages)
+
+
+
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM/SIGUSR1: torch's launcher signals the trainer's whole process group on
+    preemption, and a killed worker would crash the step the trainer is finishing before its checkpoint."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextmanager
+def iterate_batches(loader: DataLoader) -> Iterator[Iterator[Dict[str, Any]]]:
+    """Iterate ``loader`` and always stop its workers when the iteration is abandoned (error, preemption, early
+    stop). The workers ignore SIGTERM (above), so the interpreter's exit-time terminate() cannot stop them and
+    would wait for them forever; an exception's traceback can also keep the iterator alive past the loop."""
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # multi-process iterators only
+        if shutdown is not None:
+            shutdown()
+
+
+def _data_loader(dataset: wds.DataPipeline, num_workers: int, prefetch_factor: int) -> DataLoader:
+    if num_workers > 0:
+        import cv2
+
+        # A forked worker inherits OpenCV's thread pool with its lock possibly held and can deadlock in its first
+        # cv2 call; one thread in the parent means no pool to inherit (the workers are the parallelism anyway).
+        cv2.setNumThreads(1)
+    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers, persistent_workers=False,
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_preemption_signals,
+                      prefetch_factor=prefetch_factor if num_workers > 0 else None)
+
+
+# ------------------------------------------------------------------------------------------------------ public API
+def build_train_loader(cfg: Any, tokenizer: Any, rank: int, world_size: int, epoch: int,
+                       skip_batches: int = 0) -> LoaderInfo:
+    """The loader of ``epoch`` for ``rank``; ``skip_batches=k`` starts at batch k without decoding batches 0..k-1."""
+    data, batch_size = cfg.data, int(cfg.train.batch_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    num_workers = int(data.num_workers)
+    workers = max(1, num_workers)
+    sources = shard_sources(data, data.train_split)
+    shards = all_shards(sources)
+    n = int(data.samples_per_epoch) if data.samples_per_epoch else total_samples(sources)
+    if n <= 0:
+        raise DataError(f"no samples in split '{data.train_split}' (size tables are empty); set data.samples_per_epoch")
+    if data.resampled:
+        mode, mine = "resampled", shards
+        weights: Optional[List[float]] = _shard_weights(sources)
+    else:
+        if data.weights is not None:
+            raise DataError("data.weights needs data.resampled=true (weights pick roots when sampling shards)")
+        if len(shards) < workers * world_size:
+            raise DataError(
+                f"{len(shards)} train shards but {world_size} rank(s) x {workers} loader worker(s) need at least "
+                f"{workers * world_size}: repack with smaller shards (pack max_samples_per_shard), lower "
+                f"data.num_workers, or set data.resampled=true")
+        mode, mine, weights = "train", rank_shards(shards, int(cfg.seed), epoch, rank, world_size), None
+    per_worker = batches_per_worker(n, batch_size, world_size, workers)
+    per_epoch = per_worker * workers
+    if not 0 <= skip_batches < per_epoch:
+        raise ValueError(f"skip_batches={skip_batches} outside the epoch's {per_epoch} batches")
+    plan = _Plan(mine, weights, mode, int(cfg.seed), int(epoch), rank, world_size, workers, batch_size, per_worker,
+                 int(skip_batches))
+    dataset = _pipeline(plan, data, tokenizer).with_length(per_epoch - skip_batches, silent=True)
+    loader = _data_loader(dataset, num_workers, int(data.prefetch_factor))
+    return LoaderInfo(loader, per_epoch, n, len(shards), int(skip_batches))
+
+
+def _shard_weights(sources: Sequence[ShardSource]) -> List[float]:
+    """A root's weight is the share of draws from it, spread evenly over its shards."""
+    total = sum(src.weight for src in sources)
+    if total <= 0 or any(src.weight < 0 for src in sources):
+        raise DataError("data.weights must be non-negative and not all zero")
+    return [src.weight / total / len(src.shards) for src in sources for _ in src.shards]
+
+
+def build_eval_loader(data_cfg: Any, split: str, tokenizer: Any, batch_size: int, num_workers: int,
+                      rank: int = 0, world_size: int = 1) -> DataLoader:
+    """The samples of ``split`` in a fixed order, no shuffle, eval transforms, partial last batches. With
+    ``world_size`` > 1, rank r reads shards r, r+world, …: counts may differ between ranks, so the evaluator steps
+    ranks in lockstep and gathers predictions as objects (exact counts, see mmcat.evaluation)."""
+    shards = all_shards(shard_sources(data_cfg, split, count_missing=False))[rank::world_size]
+    workers = max(0, min(int(num_workers), len(shards)))
+    plan = _Plan(shards, None, "eval", 0, 0, 0, 1, max(1, workers), int(batch_size), 0)
+    return _data_loader(_pipeline(plan, data_cfg, tokenizer), workers, int(data_cfg.prefetch_factor))

@@ -1,0 +1,94 @@
+"""Image transforms with explicit random parameters.
+
+Train: random resized crop (torchvision's ``RandomResizedCrop`` sampling: scale 0.08-1, ratio 3/4-4/3, 10 tries,
+centre-crop fallback), horizontal flip and light colour jitter (brightness/contrast/saturation +-20%).
+Eval: resize the shorter side to ``S / 0.875`` and centre-crop ``S`` (the usual ImageNet protocol).
+
+The random parameters come from a ``random.Random`` seeded per *sample* (from seed, epoch, rank, worker and the
+sample's stream position), never from the global torch RNG: the stream is then reproducible for exact mid-epoch
+resume, skipped samples need no RNG draws, and ``num_workers=0`` does not disturb the trainer's RNG state.
+Everything per sample runs with OpenCV on small uint8 arrays (one ``cv2.resize``, a few saturating blends for the
+jitter); the float conversion + ImageNet normalisation runs once per batch. The batch tensor is returned in
+channels-last memory order (a free view of the stacked HWC images; the ResNet runs channels-last anyway).
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Tuple
+
+import cv2
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EVAL_CROP_FRACTION = 0.875
+JITTER = 0.2  # "light" colour jitter: factors drawn from [1 - JITTER, 1 + JITTER]
+
+Box = Tuple[int, int, int, int]  # top, left, height, width
+
+
+def random_resized_crop_box(height: int, width: int, rng: random.Random, scale: Tuple[float, float] = (0.08, 1.0),
+                            ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> Box:
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height  # fallback: the largest centred crop with an allowed aspect ratio
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def center_crop_box(height: int, width: int, size: int) -> Box:
+    """The source region that ends up in a ``size`` centre crop after resizing the shorter side to size/0.875."""
+    side = min(height, width) * EVAL_CROP_FRACTION
+    h = w = max(1, int(round(side)))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def crop_resize(img: np.ndarray, box: Box, size: int) -> np.ndarray:
+    top, left, h, w = box
+    region = img[top:top + h, left:left + w]
+    interp = cv2.INTER_AREA if h > size and w > size else cv2.INTER_LINEAR  # AREA = antialiased downscale
+    return cv2.resize(region, (size, size), interpolation=interp)
+
+
+def color_jitter(img: np.ndarray, brightness: float, contrast: float, saturation: float) -> np.ndarray:
+    """torchvision's brightness, contrast, saturation adjustments (in that order) on a uint8 RGB image; the
+    brightness and contrast steps are fused into one saturating affine map."""
+    mean = cv2.mean(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY))[0] * brightness
+    img = cv2.addWeighted(img, brightness * contrast, img, 0.0, (1.0 - contrast) * mean)
+    gray = cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(img, saturation, gray, 1.0 - saturation, 0.0)
+
+
+def train_view(img: np.ndarray, size: int, rng: random.Random) -> np.ndarray:
+    """Random resized crop, horizontal flip and light colour jitter of one image."""
+    out = crop_resize(img, random_resized_crop_box(img.shape[0], img.shape[1], rng), size)
+    if rng.random() < 0.5:
+        out = cv2.flip(out, 1)
+    return color_jitter(out, *(rng.uniform(1 - JITTER, 1 + JITTER) for _ in range(3)))
+
+
+def eval_view(img: np.ndarray, size: int) -> np.ndarray:
+    return crop_resize(img, center_crop_box(img.shape[0], img.shape[1], size), size)
+
+
+def to_pixel_values(images: np.ndarray, has_image: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,S,S,3] -> float32 [B,3,S,S] (channels-last memory), ImageNet-normalised, zeros where no image."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in IMAGENET_STD])
+    shift = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)])
+    x = torch.addcmul(shift, torch.from_numpy(images).float(), scale)  # one fused pass over contiguous NHWC
+    x[~has_image] = 0.0
+    return x.permute(0, 3, 1, 2)

@@ -1,0 +1,76 @@
+"""``mmcat inspect DIR``: split sizes, label counts, failures by reason and a few sample rows of a packed dataset."""
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+from typing import List
+
+from mmcat.config import ConfigError
+
+
+def _samples(out: Path, manifest: dict, n: int) -> List[dict]:
+    """The first n samples of the first non-empty split, read with webdataset's public API."""
+    import webdataset as wds
+
+    rows: List[dict] = []
+    for split, info in manifest["splits"].items():
+        if not info["shards"] or n <= 0:
+            continue
+        urls = [str(out / split / s["name"]) for s in info["shards"]]
+        pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+        for sample in islice(pipeline, n):
+            meta = json.loads(sample["json"])
+            rows.append({"split": split, "key": sample["__key__"], "label": meta["label"],
+                         "has_image": meta["has_image"], "has_text": meta["has_text"],
+                         "image": f"{meta['width']}x{meta['height']}" if meta["has_image"] else meta.get("image_error"),
+                         "text": sample["txt"].decode("utf-8") if "txt" in sample else None})
+        break
+    return rows
+
+
+def inspect_dataset(dir: str | Path, as_json: bool = False, samples: int = 3) -> int:
+    out = Path(dir)
+    mpath = out / "manifest.json"
+    if not mpath.is_file():
+        hint = " (job-array slices? run `mmcat pack-merge DIR`)" if (out / "slices").is_dir() else ""
+        raise ConfigError(f"{out}: no manifest.json -- not a packed dataset or packing not finished{hint}")
+    manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    failures: Counter = Counter()
+    if (out / "failures.jsonl").is_file():
+        with open(out / "failures.jsonl", encoding="utf-8") as f:
+            failures.update(f"{r['kind']}:{r['reason']}" for r in map(json.loads, filter(str.strip, f)))
+    report = {
+        "dir": str(out), "labels": manifest["labels"], "total_samples": manifest["total_samples"],
+        "splits": {name: {"samples": info["samples"], "shards": len(info["shards"]),
+                          "bytes": sum(s["bytes"] for s in info["shards"]), "label_counts": info["label_counts"]}
+                   for name, info in manifest["splits"].items()},
+        "failures": dict(sorted(failures.items())), "image_notes": manifest.get("image_notes", {}),
+        "settings": manifest["settings"], "samples": _samples(out, manifest, samples),
+    }
+    if as_json:
+        json.dump(report, sys.stdout, indent=2, ensure_ascii=False)
+        print()
+        return 0
+    s = manifest["settings"]
+    print(f"{out}: {report['total_samples']} samples, {len(report['labels'])} labels, image_size {s['image_size']} "
+          f"({s['resize_mode']}), mmcat {manifest['mmcat_version']}")
+    width = max(len(label) for label in report["labels"]) if report["labels"] else 5
+    names = list(report["splits"])
+    print(f"  {'split':<{width}} " + " ".join(f"{n:>8}" for n in names))
+    print(f"  {'samples':<{width}} " + " ".join(f"{report['splits'][n]['samples']:>8}" for n in names))
+    print(f"  {'shards':<{width}} " + " ".join(f"{report['splits'][n]['shards']:>8}" for n in names))
+    print(f"  {'MB':<{width}} " + " ".join(f"{report['splits'][n]['bytes'] / 1e6:>8.1f}" for n in names))
+    for label in report["labels"]:
+        print(f"  {label:<{width}} " + " ".join(f"{report['splits'][n]['label_counts'].get(label, 0):>8}" for n in names))
+    print(f"failures ({sum(failures.values())}):" + ("" if failures else " none"))
+    for reason, count in report["failures"].items():
+        print(f"  {reason:<32} {count:>6}")
+    if report["image_notes"]:
+        print("image conversions: " + ", ".join(f"{k} {v}" for k, v in report["image_notes"].items()))
+    for r in report["samples"]:
+        text = (r["text"] or "<no text>").replace("\n", " | ")
+        print(f"  [{r['split']}] {r['key']}  {r['label']}  image={r['image']}  {text[:70]}")
+    return 0

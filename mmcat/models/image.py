@@ -1,0 +1,88 @@
+"""Image encoder: a torchvision ResNet without its classifier, exposing pooled and spatial features.
+
+``model.image.weights``: ``none`` (random init), ``imagenet`` (torchvision's weights, read from the torch hub cache
+-- never downloaded here, so offline jobs fail fast with instructions) or a path to a state dict (a full torchvision
+ResNet state dict; ``fc.*`` entries and a ``module.`` / ``backbone.`` prefix are accepted).
+"""
+from __future__ import annotations
+
+import os
+from typing import Tuple
+
+import torch
+import torchvision
+from torch import nn
+
+from mmcat.models.text import ModelLoadError
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+def imagenet_weights_path(name: str) -> Tuple[str, str]:
+    """(expected file in the torch hub cache, download URL) for torchvision's default ImageNet weights."""
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    url = weights.url
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)), url
+
+
+def _load_state_dict(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"model.image.weights: no such file {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    out = {}
+    for k, v in state.items():
+        for prefix in ("module.", "backbone.", "image_encoder.backbone."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if not k.startswith("fc."):
+            out[k] = v
+    return out
+
+
+def build_resnet(name: str, weights: str) -> nn.Module:
+    if name not in RESNETS:
+        raise ValueError(f"model.image.name must be one of {', '.join(RESNETS)}, got '{name}'")
+    net = torchvision.models.get_model(name, weights=None)
+    net.fc = nn.Identity()
+    if weights == "none":
+        return net
+    if weights == "imagenet":
+        path, url = imagenet_weights_path(name)
+        if not os.path.isfile(path):
+            raise ModelLoadError(
+                f"ImageNet weights for {name} are not in the torch hub cache ({path}); download {url} to that "
+                f"path (or set TORCH_HOME), or set model.image.weights=/path/to/state_dict.pth or none")
+    else:
+        path = weights
+    missing, unexpected = net.load_state_dict(_load_state_dict(path), strict=False)
+    if missing or unexpected:
+        raise ModelLoadError(f"{path} does not match {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return net
+
+
+class ImageEncoder(nn.Module):
+    """Returns (pooled [B, C], spatial tokens [B, h*w, C]) for ImageNet-normalised ``pixel_values``."""
+
+    def __init__(self, name: str = "resnet50", weights: str = "none", channels_last: bool = True) -> None:
+        super().__init__()
+        self.backbone = build_resnet(name, weights)
+        self.out_dim = 512 if name in ("resnet18", "resnet34") else 2048
+        self.channels_last = channels_last
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+
+    def forward(self, pixel_values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        b = self.backbone
+        x = pixel_values.to(dtype=b.conv1.weight.dtype)  # bf16 inputs from the loader / fp32 params or vice versa
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        x = b.layer4(b.layer3(b.layer2(b.layer1(x))))  # [B, C, h, w]
+        tokens = x.flatten(2).transpose(1, 2)  # [B, h*w, C]
+        return tokens.mean(1), tokens
+
+
+def build_image_encoder(image_cfg) -> ImageEncoder:
+    return ImageEncoder(str(image_cfg.name), str(image_cfg.weights), bool(image_cfg.channels_last))

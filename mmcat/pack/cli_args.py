@@ -1,0 +1,44 @@
+"""``mmcat pack`` arguments (kept apart so ``mmcat --help`` builds the parser without importing OpenCV)."""
+from __future__ import annotations
+
+import argparse
+
+from mmcat.config import PackConfig
+
+_D = PackConfig()  # defaults shown in --help come from the schema, the single source of truth
+
+
+def add_pack_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="product table: .csv/.tsv, .jsonl or .parquet")
+    p.add_argument("--out", required=True, help="output dataset dir")
+    p.add_argument("--config", help="YAML with PackConfig keys (flags given here win)")
+    p.add_argument("--format", choices=["auto", "csv", "jsonl", "parquet"], help="table format (default: auto)")
+    p.add_argument("--images-root", dest="images_root", help="image paths are relative to this (default: table's dir)")
+    p.add_argument("--id-column", dest="id_column", help=f"default: {_D.id_column}")
+    p.add_argument("--image-column", dest="image_column", help=f"default: {_D.image_column}")
+    p.add_argument("--text-columns", dest="text_columns", help="comma-separated (default: title,description)")
+    p.add_argument("--label-column", dest="label_column", help=f"default: {_D.label_column}")
+    p.add_argument("--labels", help="label whitelist (JSON list or one per line): fixes the label order; "
+                   "rows with other labels are rejected as label_unknown")
+    p.add_argument("--splits", help="name=fraction,... (default: train=0.8,val=0.1,test=0.1)")
+    p.add_argument("--seed", type=int, help=f"split/order seed (default: {_D.seed})")
+    p.add_argument("--image-size", dest="image_size", type=int, help=f"default: {_D.image_size}")
+    p.add_argument("--resize-mode", dest="resize_mode", choices=["shorter", "center_crop", "keep", "border"],
+                   help="shorter: shorter side -> size (never upscales); center_crop: square crop; "
+                   "keep: no resize; border: fit in a white square (default: shorter)")
+    p.add_argument("--jpeg-quality", dest="jpeg_quality", type=int, help=f"default: {_D.jpeg_quality}")
+    p.add_argument("--max-samples-per-shard", dest="max_samples_per_shard", type=int,
+                   help=f"default: {_D.max_samples_per_shard}")
+    p.add_argument("--max-shard-bytes", dest="max_shard_bytes", type=float, help="default: 1e9")
+    p.add_argument("--max-image-pixels", dest="max_image_pixels", type=int,
+                   help=f"decompression-bomb guard, checked from the header (default: {_D.max_image_pixels})")
+    p.add_argument("--workers", type=int, help="processes decoding/resizing/encoding (default: 1)")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="finish an interrupted run: completed shards are kept, the rest is redone")
+    p.add_argument("--slice-index", dest="slice_index", type=int, help="job-array slice: pack rows i::n")
+    p.add_argument("--num-slices", dest="num_slices", type=int, help="job-array slice count (then pack-merge)")
+
+
+PACK_KEYS = ("input", "out", "format", "images_root", "id_column", "image_column", "label_column", "labels", "seed",
+             "image_size", "resize_mode", "jpeg_quality", "max_samples_per_shard", "max_shard_bytes",
+             "max_image_pixels", "workers", "resume", "slice_index", "num_slices")

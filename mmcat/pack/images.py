@@ -1,0 +1,200 @@
+"""Photo bytes -> normalized RGB JPEG bytes with OpenCV, or a failure reason.
+
+Why this shape: PIL reads only the header (size, mode, EXIF orientation) so the pixel-count guard against
+decompression bombs runs *before* any pixel is allocated; OpenCV then decodes from memory. For JPEGs the decoder
+is asked for a 1/2, 1/4 or 1/8 scale directly (``IMREAD_REDUCED_COLOR_*``: DCT-domain scaling, several times faster
+than a full decode + resize) whenever the reduced image is still at least the target size. ``IMREAD_COLOR`` applies
+the EXIF orientation, converts grayscale/CMYK to BGR and 16-bit to 8-bit; images with an alpha channel
+(RGBA, LA, palette PNG with transparency) go through ``IMREAD_UNCHANGED`` and are composited on white.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import cv2
+import numpy as np
+from PIL import Image
+
+RESIZE_MODES = ("shorter", "center_crop", "keep", "border")
+
+# EXIF orientation -> OpenCV ops (used only on the IMREAD_UNCHANGED path; IMREAD_COLOR applies it itself)
+_EXIF_OPS = {
+    2: [("flip", 1)],
+    3: [("rot", cv2.ROTATE_180)],
+    4: [("flip", 0)],
+    5: [("rot", cv2.ROTATE_90_CLOCKWISE), ("flip", 1)],
+    6: [("rot", cv2.ROTATE_90_CLOCKWISE)],
+    7: [("rot", cv2.ROTATE_90_COUNTERCLOCKWISE), ("flip", 1)],
+    8: [("rot", cv2.ROTATE_90_COUNTERCLOCKWISE)],
+}
+
+
+class ImageError(Exception):
+    """An unusable image; ``reason`` is a short machine-readable code recorded in failures.jsonl."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class ProcessedImage:
+    jpeg: bytes
+    width: int  # after resize
+    height: int
+    orig_width: int  # as displayed (after EXIF rotation)
+    orig_height: int
+    notes: List[str] = field(default_factory=list)  # conversions applied: grayscale, cmyk, alpha_composited, ...
+
+
+def _header(data: bytes, max_pixels: int) -> Tuple[Image.Image, int, int]:
+    with warnings.catch_warnings():
+        # our own limit replaces PIL's global one (which warns, or raises at 2x, depending on size)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Exception as exc:  # UnidentifiedImageError, SyntaxError on corrupt headers, ...
+            raise ImageError("image_undecodable", type(exc).__name__) from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise ImageError("image_undecodable", f"size {w}x{h}")
+    if w * h > max_pixels:
+        raise ImageError("image_too_large", f"{w}x{h} > {max_pixels} pixels")
+    return im, w, h
+
+
+def _jpeg_truncated(data: bytes) -> bool:
+    # a complete JPEG has an end-of-image marker after its last start-of-scan; a cut-off file does not
+    sos = data.rfind(b"\xff\xda")
+    return sos < 0 or data.rfind(b"\xff\xd9") < sos
+
+
+def _reduction_flag(w: int, h: int, size: int, mode: str) -> Tuple[int, int]:
+    """Largest JPEG decode-time reduction that keeps the side we resize by >= size."""
+    if mode == "keep":
+        return cv2.IMREAD_COLOR, 1
+    side = max(w, h) if mode == "border" else min(w, h)
+    for factor, flag in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2)):
+        if side // factor >= size:
+            return flag, factor
+    return cv2.IMREAD_COLOR, 1
+
+
+def _to_8bit(img: np.ndarray) -> np.ndarray:
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == np.uint16:
+        return (img >> 8).astype(np.uint8)
+    return cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+
+
+def _composite_on_white(img: np.ndarray) -> np.ndarray:
+    bgr = img[:, :, :3].astype(np.float32)
+    alpha = img[:, :, 3:4].astype(np.float32) / 255.0
+    return (bgr * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
+
+
+def _down(scale: float) -> int:
+    # INTER_AREA anti-aliases big reductions but is slow at non-integer ratios; below 2x bilinear loses nothing
+    # visible (the JPEG decoder already did the big 1/2..1/8 step in the DCT domain)
+    return cv2.INTER_AREA if scale < 0.5 else cv2.INTER_LINEAR
+
+
+def _resize(img: np.ndarray, size: int, mode: str) -> np.ndarray:
+    h, w = img.shape[:2]
+    if mode == "keep":
+        return img
+    if mode == "shorter":
+        scale = size / min(w, h)
+        if scale >= 1.0:  # never upscale: the training pipeline resizes anyway, bigger files buy nothing
+            return img
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        return cv2.resize(img, (nw, nh), interpolation=_down(scale))
+    if mode == "center_crop":
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = cv2.resize(img, (nw, nh), interpolation=_down(scale))
+        y, x = (nh - size) // 2, (nw - size) // 2
+        return np.ascontiguousarray(img[y:y + size, x:x + size])
+    # border: fit the longer side, pad the rest with white to a square
+    scale = size / max(w, h)
+    nw, nh = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
+    img = cv2.resize(img, (nw, nh), interpolation=_down(scale))
+    top, left = (size - nh) // 2, (size - nw) // 2
+    return cv2.copyMakeBorder(img, top, size - nh - top, left, size - nw - left, cv2.BORDER_CONSTANT, value=(255, 255, 255))
+
+
+def process_image(data: bytes, size: int, mode: str = "shorter", quality: int = 90,
+                  max_pixels: int = 89_478_485) -> ProcessedImage:
+    """Decode ``data`` (any format OpenCV reads), fix orientation/colour, resize, re-encode as an RGB JPEG."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode {mode!r} is not one of {RESIZE_MODES}")
+    if not data:
+        raise ImageError("image_empty", "0 bytes")
+    im, w, h = _header(data, max_pixels)
+    fmt, pil_mode = im.format, im.mode
+    try:
+        orientation = int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # a broken EXIF block is not a reason to drop the photo
+        orientation = 1
+    has_alpha = pil_mode in ("RGBA", "LA", "PA", "RGBa", "La") or (pil_mode == "P" and "transparency" in im.info)
+    notes: List[str] = []
+    if fmt == "JPEG" and _jpeg_truncated(data):
+        raise ImageError("image_truncated", "no end-of-image marker")
+    buf = np.frombuffer(data, np.uint8)
+    if has_alpha:
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise ImageError("image_undecodable", f"{fmt} {pil_mode}")
+        img = _to_8bit(img)
+        if img.ndim == 2:
+            img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+        elif img.shape[2] == 2:  # gray + alpha
+            img = np.dstack([cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2BGR), img[:, :, 1]])
+        if img.shape[2] == 4:
+            img = _composite_on_white(img)
+            notes.append("alpha_composited")
+        for op, arg in _EXIF_OPS.get(orientation, []):  # IMREAD_UNCHANGED ignores EXIF orientation
+            img = cv2.rotate(img, arg) if op == "rot" else cv2.flip(img, arg)
+    else:
+        flag, _ = _reduction_flag(w, h, size, mode) if fmt == "JPEG" else (cv2.IMREAD_COLOR, 1)
+        img = cv2.imdecode(buf, flag)
+        if img is None:
+            raise ImageError("image_undecodable", f"{fmt} {pil_mode}")
+    if pil_mode in ("L", "I;16", "I", "LA", "1"):
+        notes.append("grayscale")
+    elif pil_mode == "CMYK":
+        notes.append("cmyk")
+    elif pil_mode.startswith("P"):
+        notes.append("palette")
+    if pil_mode.startswith("I"):
+        notes.append("16bit")
+    if orientation != 1:
+        notes.append(f"exif_orientation_{orientation}")
+    ow, oh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    img = _resize(img, size, mode)
+    ok, enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:  # pragma: no cover - OpenCV encodes any 8-bit BGR array
+        raise ImageError("image_encode_failed")
+    return ProcessedImage(enc.tobytes(), img.shape[1], img.shape[0], ow, oh, notes)
+
+
+def read_image_bytes(path: Optional[str]) -> bytes:
+    """File bytes, or ImageError with reason image_missing / image_unreadable."""
+    if not path:
+        raise ImageError("image_missing", "no image path")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ImageError("image_missing", path) from None
+    except (IsADirectoryError, PermissionError, OSError) as exc:
+        raise ImageError("image_unreadable", f"{path}: {type(exc).__name__}") from None

@@ -1,0 +1,68 @@
+"""The dataset-level files: labels.json, {split}/sizes.json, failures.jsonl and manifest.json (always last).
+
+Shared by a single ``mmcat pack`` run and by ``mmcat pack-merge``, so both produce the same files from the same
+per-shard records. Nothing time- or host-dependent goes in, so the same input and seed give identical files.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping
+
+from mmcat import __version__
+from mmcat.pack.writer import write_json_atomic
+
+
+def split_summary(records: Iterable[dict], labels: List[str]) -> dict:
+    """Per-split totals from the state records of its shards (records without a shard add only failures)."""
+    shards, counts = [], Counter()
+    for rec in records:
+        counts.update(rec["label_counts"])
+        if rec.get("name"):
+            shards.append({"name": rec["name"], "samples": rec["samples"], "bytes": rec["bytes"]})
+    return {"samples": sum(s["samples"] for s in shards), "shards": shards,
+            "label_counts": {label: counts.get(label, 0) for label in labels}}
+
+
+def failure_summary(failures: List[dict]) -> dict:
+    kinds = Counter(f["kind"] for f in failures)
+    reasons = Counter(f["reason"] for f in failures)
+    return {"rejected": kinds.get("rejected", 0), "degraded": kinds.get("degraded", 0),
+            "by_reason": dict(sorted(reasons.items()))}
+
+
+def sort_failures(failures: Iterable[dict]) -> List[dict]:
+    return sorted(failures, key=lambda f: (f["row"], f["reason"]))
+
+
+def build_manifest(settings: Mapping, labels: List[str], splits: Mapping[str, dict], failures: List[dict],
+                   notes: Mapping[str, int], num_slices: int = 1) -> dict:
+    return {
+        "format": "webdataset",
+        "mmcat_version": __version__,
+        "labels": list(labels),
+        "num_labels": len(labels),
+        "splits": dict(splits),
+        "total_samples": sum(s["samples"] for s in splits.values()),
+        "failures": failure_summary(failures),
+        "image_notes": dict(sorted(notes.items())),
+        "settings": dict(settings),
+        "slices": num_slices,
+    }
+
+
+def write_dataset_files(out: Path, manifest: dict, failures: List[dict]) -> None:
+    """labels, sizes and failures first; the manifest last, because its presence means "complete"."""
+    write_json_atomic(out / "labels.json", manifest["labels"])
+    for split, info in manifest["splits"].items():
+        (out / split).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / split / "sizes.json", {s["name"]: s["samples"] for s in info["shards"]})
+    write_json_atomic(out / "failures.jsonl", failures, lines=True)
+    write_json_atomic(out / "manifest.json", manifest)
+
+
+def sum_notes(records: Iterable[dict]) -> Dict[str, int]:
+    total: Counter = Counter()
+    for rec in records:
+        total.update(rec.get("notes", {}))
+    return dict(total)

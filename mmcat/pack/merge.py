@@ -1,0 +1,72 @@
+"""``mmcat pack-merge DIR``: combine the per-slice outputs of a job-array pack into one dataset.
+
+Every slice computed the label map and the split assignment from the whole table, so merging is bookkeeping:
+concatenate the shard lists (slice order), add the counts, merge-sort the failures by row. The result has the
+same labels.json, samples per split, label counts and failures.jsonl as a single ``mmcat pack``; only the shard
+names (``shard-sIII-NNNNNN.tar``) and their number differ.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List
+
+from mmcat.config import ConfigError
+from mmcat.pack.manifest import build_manifest, sort_failures, write_dataset_files
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: unreadable ({type(exc).__name__})") from None
+
+
+def merge_slices(out_dir: str | Path) -> dict:
+    out = Path(out_dir)
+    slice_dirs = sorted((out / "slices").glob("slice-*")) if (out / "slices").is_dir() else []
+    if not slice_dirs:
+        raise ConfigError(f"{out}: no slices/slice-*/ dirs (was it packed with --num-slices > 1?)")
+    first = next((d for d in slice_dirs if (d / "manifest.json").is_file()), None)
+    if first is None:
+        raise ConfigError(f"{out}: no slice has finished (no slices/slice-*/manifest.json)")
+    n = int(_read_json(first / "manifest.json")["slices"])
+    manifests = []
+    for i in range(n):
+        path = out / "slices" / f"slice-{i:03d}" / "manifest.json"
+        if not path.is_file():
+            raise ConfigError(f"slice {i} of {n} is not complete ({path} missing): re-run it with --resume")
+        manifests.append(_read_json(path))
+    ref = manifests[0]
+    for i, m in enumerate(manifests):
+        if m["slices"] != n or m["labels"] != ref["labels"] or m["settings"] != ref["settings"]:
+            raise ConfigError(f"slice {i}: labels/settings differ from slice 0 (slices of different runs?)")
+
+    labels: List[str] = ref["labels"]
+    splits: Dict[str, dict] = {}
+    for name in ref["splits"]:
+        shards, counts = [], Counter()
+        for m in manifests:
+            info = m["splits"][name]
+            shards.extend(info["shards"])
+            counts.update(info["label_counts"])
+        splits[name] = {"samples": sum(s["samples"] for s in shards), "shards": shards,
+                        "label_counts": {label: counts.get(label, 0) for label in labels}}
+    failures: List[dict] = []
+    notes: Counter = Counter()
+    for i in range(n):
+        path = out / "slices" / f"slice-{i:03d}" / "failures.jsonl"
+        with open(path, encoding="utf-8") as f:
+            failures.extend(json.loads(line) for line in f if line.strip())
+        notes.update(manifests[i]["image_notes"])
+    failures = sort_failures(failures)
+    manifest = build_manifest(ref["settings"], labels, splits, failures, dict(notes), num_slices=n)
+    for name, info in splits.items():
+        missing = [s["name"] for s in info["shards"] if not (out / name / s["name"]).is_file()]
+        if missing:
+            raise ConfigError(f"split {name}: shard {missing[0]} listed by its slice is missing")
+    write_dataset_files(out, manifest, failures)
+    print(f"merged {n} slices: {manifest['total_samples']} samples, "
+          f"{manifest['failures']['rejected']} rejected, {manifest['failures']['degraded']} degraded -> {out}")
+    return manifest

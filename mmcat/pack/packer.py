@@ -1,0 +1,195 @@
+"""``mmcat pack``: table -> plan -> (parallel) image processing -> ordered shard writing -> dataset files.
+
+Determinism with N worker processes: the plan fixes the order of samples in each split up front; workers only
+transform rows (``Pool.imap`` returns results in task order) and the parent alone writes shards, rotating by
+count and bytes in that order. Output therefore never depends on scheduling or on ``--workers``.
+"""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import shutil
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+
+import cv2
+from tqdm import tqdm
+
+from mmcat.config import ConfigError
+from mmcat.pack.images import RESIZE_MODES
+from mmcat.pack.manifest import build_manifest, sort_failures, split_summary, sum_notes, write_dataset_files
+from mmcat.pack.plan import Task, build_plan
+from mmcat.pack.sources import detect_format, read_table
+from mmcat.pack.split import check_splits
+from mmcat.pack.worker import ImageSettings, Result, init_worker, process_task, process_task_in_worker
+from mmcat.pack.writer import SplitWriter, load_records, write_json_atomic
+
+STATE_DIR = ".pack-state"
+
+
+class Layout:
+    """Where a run (the whole table, or one job-array slice) puts its shards, state and summary files."""
+
+    def __init__(self, out: Path, slice_index: int, num_slices: int):
+        self.out, self.slice_index, self.num_slices = out, slice_index, num_slices
+        self.sliced = num_slices > 1
+        tag = f"slice-{slice_index:03d}" if self.sliced else "all"
+        self.state = out / STATE_DIR / tag
+        self.summary = out / "slices" / tag if self.sliced else out  # manifest/labels/failures(/sizes) go here
+
+    def shard_name(self, index: int) -> str:
+        return f"shard-s{self.slice_index:03d}-{index:06d}.tar" if self.sliced else f"shard-{index:06d}.tar"
+
+    def shard_glob(self) -> str:
+        return f"shard-s{self.slice_index:03d}-*.tar" if self.sliced else "shard-*.tar"
+
+    def owns_row(self, row: int) -> bool:
+        return (row - 1) % self.num_slices == self.slice_index
+
+
+def _validate(cfg) -> Dict[str, float]:
+    checks = [
+        (cfg.image_size >= 8, "image_size", "must be >= 8"),
+        (1 <= cfg.jpeg_quality <= 100, "jpeg_quality", "must be within 1..100"),
+        (cfg.resize_mode in RESIZE_MODES, "resize_mode", f"must be one of {', '.join(RESIZE_MODES)}"),
+        (cfg.max_samples_per_shard >= 1, "max_samples_per_shard", "must be >= 1"),
+        (cfg.max_shard_bytes >= 1e4, "max_shard_bytes", "must be >= 10000"),
+        (cfg.max_image_pixels >= 1, "max_image_pixels", "must be >= 1"),
+        (cfg.workers >= 1, "workers", "must be >= 1"),
+        (cfg.num_slices >= 1, "num_slices", "must be >= 1"),
+        (0 <= cfg.slice_index < max(cfg.num_slices, 1), "slice_index", f"must be within 0..{cfg.num_slices - 1}"),
+        (len(cfg.text_columns) >= 1, "text_columns", "needs at least one column"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise ConfigError(f"config key '{key}': {getattr(cfg, key)!r} {msg}")
+    return check_splits(cfg.splits)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _settings(cfg, input_path: Path, fmt: str, images_root: Path, splits: Dict[str, float]) -> dict:
+    """Everything that determines the output bytes (not workers/resume/slice): stored in the manifest."""
+    return {
+        "input": str(input_path.resolve()), "input_sha256": _file_sha256(input_path), "format": fmt,
+        "images_root": str(images_root.resolve()), "id_column": cfg.id_column, "image_column": cfg.image_column,
+        "text_columns": list(cfg.text_columns), "label_column": cfg.label_column,
+        "labels_file": str(Path(cfg.labels).resolve()) if cfg.labels else None, "splits": splits, "seed": cfg.seed,
+        "image_size": cfg.image_size, "resize_mode": cfg.resize_mode, "jpeg_quality": cfg.jpeg_quality,
+        "max_samples_per_shard": cfg.max_samples_per_shard, "max_shard_bytes": float(cfg.max_shard_bytes),
+        "max_image_pixels": cfg.max_image_pixels,
+    }
+
+
+def _prepare_state(layout: Layout, run_settings: dict, resume: bool, splits: List[str]) -> None:
+    out = layout.out
+    if resume and (layout.state / "settings.json").is_file():
+        import json
+
+        old = json.loads((layout.state / "settings.json").read_text(encoding="utf-8"))
+        for key in sorted(set(old) | set(run_settings)):
+            if old.get(key) != run_settings.get(key):
+                raise ConfigError(f"--resume: setting '{key}' differs from the interrupted run "
+                                  f"({old.get(key)!r} -> {run_settings.get(key)!r}); use the same settings or drop --resume")
+        return
+    # a fresh run owns its outputs: remove what an earlier run (or this slice's earlier run) left behind
+    if layout.sliced:
+        shutil.rmtree(layout.state, ignore_errors=True)
+        shutil.rmtree(layout.summary, ignore_errors=True)
+        (out / "manifest.json").unlink(missing_ok=True)  # a merged manifest no longer describes the shards
+    else:
+        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+        shutil.rmtree(out / "slices", ignore_errors=True)
+        for name in ("manifest.json", "labels.json", "failures.jsonl"):
+            (out / name).unlink(missing_ok=True)
+    for split in splits:
+        split_dir = out / split
+        if split_dir.is_dir():
+            for stale in list(split_dir.glob(layout.shard_glob())) + list(split_dir.glob(".shard-*.tmp")):
+                stale.unlink()
+            if not layout.sliced:
+                (split_dir / "sizes.json").unlink(missing_ok=True)
+    layout.state.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(layout.state / "settings.json", run_settings)
+
+
+def _results(todo: List[Tuple[str, int, Task]], settings: ImageSettings, workers: int) -> Iterator[Result]:
+    if workers <= 1 or len(todo) < 2:
+        previous = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            for _, _, task in todo:
+                yield process_task(task, settings)
+        finally:
+            cv2.setNumThreads(previous)
+        return
+    # forkserver: workers do not inherit the parent's threads (OpenCV/BLAS pools deadlock after fork)
+    # (like any multiprocessing code, a script calling pack() needs an `if __name__ == "__main__":` guard)
+    ctx = mp.get_context("forkserver")
+    with ctx.Pool(workers, initializer=init_worker, initargs=(settings,)) as pool:
+        chunk = max(1, min(16, len(todo) // (workers * 8)))
+        results = pool.imap(process_task_in_worker, [t for _, _, t in todo], chunksize=chunk)
+        import webdataset  # noqa: F401  -- the writer's slow import (torch) overlaps the workers' start-up
+        yield from results
+
+
+def pack(cfg) -> dict:
+    """Pack the table ``cfg.input`` into WebDataset shards under ``cfg.out``; returns the manifest dict."""
+    splits = _validate(cfg)
+    input_path = Path(cfg.input)
+    fmt = detect_format(input_path, cfg.format)
+    required = list(dict.fromkeys([cfg.id_column, cfg.image_column, *cfg.text_columns, cfg.label_column]))
+    rows = read_table(input_path, fmt, required)
+    images_root = Path(cfg.images_root) if cfg.images_root else input_path.parent
+    if not images_root.is_dir():
+        raise ConfigError(f"--images-root {images_root}: not a directory")
+    plan = build_plan(rows, cfg, images_root)
+    settings = _settings(cfg, input_path, fmt, images_root, splits)
+    layout = Layout(Path(cfg.out), cfg.slice_index, cfg.num_slices)
+    layout.out.mkdir(parents=True, exist_ok=True)
+    _prepare_state(layout, dict(settings, slice_index=cfg.slice_index, num_slices=cfg.num_slices), cfg.resume,
+                   list(splits))
+
+    writers: Dict[str, SplitWriter] = {}
+    done: Dict[str, List[dict]] = {}
+    todo: List[Tuple[str, int, Task]] = []
+    ends: Dict[str, int] = {}
+    for split in splits:
+        mine = [t for t in plan.tasks[split] if layout.owns_row(t.row)]
+        shard_dir, state_dir = layout.out / split, layout.state / split
+        done[split] = load_records(state_dir, shard_dir) if cfg.resume else []
+        start = done[split][-1]["end"] if done[split] else 0
+        if cfg.resume:  # shards past the recorded prefix are rewritten (same names, same bytes)
+            for stale in list(shard_dir.glob(layout.shard_glob())) + list(shard_dir.glob(".shard-*.tmp")):
+                if stale.name.endswith(".tmp") or stale.name not in {r["name"] for r in done[split]}:
+                    stale.unlink()
+        writers[split] = SplitWriter(shard_dir, state_dir, layout.shard_name, plan.labels, cfg.max_samples_per_shard,
+                                     cfg.max_shard_bytes, next_index=len(done[split]), next_pos=start)
+        todo.extend((split, pos, task) for pos, task in enumerate(mine) if pos >= start)
+        ends[split] = len(mine)
+
+    image_settings = ImageSettings(cfg.image_size, cfg.resize_mode, cfg.jpeg_quality, cfg.max_image_pixels)
+    with tqdm(total=len(todo), unit="img", desc="pack", disable=None) as bar:
+        for (split, pos, task), result in zip(todo, _results(todo, image_settings, cfg.workers)):
+            writers[split].add(pos, task.key, result)
+            bar.update(1)
+    for split, writer in writers.items():
+        writer.finish(ends[split])
+
+    records = {split: done[split] + writers[split].records for split in splits}
+    all_records = [r for recs in records.values() for r in recs]
+    failures = sort_failures([f for f in plan.rejected if layout.owns_row(f["row"])]
+                             + [f for r in all_records for f in r["failures"]])
+    summaries = {split: split_summary(records[split], plan.labels) for split in splits}
+    manifest = build_manifest(settings, plan.labels, summaries, failures, sum_notes(all_records))
+    if layout.sliced:
+        manifest.update(slices=cfg.num_slices, slice_index=cfg.slice_index)
+        layout.summary.mkdir(parents=True, exist_ok=True)
+    write_dataset_files(layout.summary, manifest, failures)
+    return manifest

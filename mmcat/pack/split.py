@@ -1,0 +1,76 @@
+"""Stratified, seed-deterministic train/val/test assignment and the order of samples inside each split.
+
+Both depend only on (id, label, seed) of the *whole* table, never on which process or job-array slice packs a
+row, so N slices merged give exactly the splits of one run. Per label, ids are ranked by a keyed hash and the
+first ``round(n * fraction)`` (largest-remainder rounding, so counts always add up to n) go to the first split,
+and so on. Inside a split, samples are ordered by another keyed hash: shards are label-mixed even when the
+input table is sorted by category, and adding rows later does not reshuffle the existing ones' relative order.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Dict, List, Mapping, Sequence, Tuple
+
+from mmcat.config import ConfigError
+
+
+def parse_splits(spec: str) -> Dict[str, float]:
+    """``"train=0.8,val=0.1,test=0.1"`` -> {"train": 0.8, ...} (validated)."""
+    out: Dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--splits: '{part}' is not name=fraction") from None
+    return check_splits(out)
+
+
+def check_splits(splits: Mapping[str, float]) -> Dict[str, float]:
+    splits = {str(k): float(v) for k, v in splits.items()}
+    if not splits:
+        raise ConfigError("config key 'splits': no splits given")
+    for name, frac in splits.items():
+        if not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"config key 'splits': split name '{name}' must be letters, digits, '-' or '_'")
+        if not 0.0 <= frac <= 1.0 or math.isnan(frac):
+            raise ConfigError(f"config key 'splits.{name}': fraction {frac} is not within [0, 1]")
+    total = sum(splits.values())
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(f"config key 'splits': fractions sum to {total:g}, not 1")
+    return splits
+
+
+def keyed_hash(seed: int, purpose: str, item: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}\0{purpose}\0{item}".encode(), digest_size=8).digest(), "big")
+
+
+def allocate(n: int, fractions: Sequence[float]) -> List[int]:
+    """Split n into integer counts proportional to fractions (largest remainder; ties go to the earlier split)."""
+    exact = [n * f for f in fractions]
+    counts = [math.floor(x) for x in exact]
+    order = sorted(range(len(fractions)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def assign_splits(items: Sequence[Tuple[str, str]], splits: Mapping[str, float], seed: int) -> Dict[str, List[str]]:
+    """items = (id, label) pairs with unique ids -> {split: [ids in packing order]}."""
+    by_label: Dict[str, List[str]] = {}
+    for id_, label in items:
+        by_label.setdefault(label, []).append(id_)
+    names = list(splits)
+    out: Dict[str, List[str]] = {name: [] for name in names}
+    for label in sorted(by_label):
+        ids = sorted(by_label[label], key=lambda i: (keyed_hash(seed, "split", i), i))
+        start = 0
+        for name, count in zip(names, allocate(len(ids), [splits[n] for n in names])):
+            out[name].extend(ids[start:start + count])
+            start += count
+    for name in names:
+        out[name].sort(key=lambda i: (keyed_hash(seed, "order", i), i))
+    return out

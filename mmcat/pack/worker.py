@@ -1,0 +1,85 @@
+"""Turn one Task into the members of one WebDataset sample (runs in worker processes).
+
+A row keeps whichever modality is usable: image broken but text fine (or the reverse) -> the sample is written
+without that member and ``json`` says so ("degraded"); neither usable -> "rejected".
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import cv2
+
+from mmcat.pack.images import ImageError, process_image, read_image_bytes
+from mmcat.pack.plan import Task
+
+
+@dataclass
+class ImageSettings:
+    size: int
+    mode: str
+    quality: int
+    max_pixels: int
+
+
+@dataclass
+class Result:
+    members: Optional[Dict[str, bytes]]  # None when the row is rejected
+    label_index: int
+    failure: Optional[dict] = None  # failures.jsonl record (degraded or rejected)
+    notes: List[str] = field(default_factory=list)
+
+
+_settings: Optional[ImageSettings] = None
+
+
+def init_worker(settings: ImageSettings) -> None:
+    """Pool initializer: one OpenCV thread per process (N processes already use N cores)."""
+    global _settings
+    _settings = settings
+    cv2.setNumThreads(1)
+
+
+def process_task_in_worker(task: Task) -> Result:
+    assert _settings is not None, "init_worker was not called"
+    return process_task(task, _settings)
+
+
+def process_task(task: Task, s: ImageSettings) -> Result:
+    meta: dict = {"id": task.id, "label": task.label, "label_index": task.label_index, "row": task.row}
+    meta.update(task.texts)
+    text_parts = [t for t in task.texts.values() if t]
+    members: Dict[str, bytes] = {}
+    notes: List[str] = []
+    image_error: Optional[ImageError] = None
+    try:
+        img = process_image(read_image_bytes(task.image_path), s.size, s.mode, s.quality, s.max_pixels)
+        members["jpg"] = img.jpeg
+        notes = img.notes
+        meta.update(width=img.width, height=img.height, orig_width=img.orig_width, orig_height=img.orig_height)
+        if notes:
+            meta["image_notes"] = notes
+    except ImageError as exc:
+        image_error = exc
+        meta["image_error"] = exc.reason
+    except Exception as exc:  # an unexpected decoder failure must cost one photo, not the run
+        image_error = ImageError("image_undecodable", f"{type(exc).__name__}: {exc}")
+        meta["image_error"] = image_error.reason
+    meta["has_image"] = image_error is None
+    meta["has_text"] = bool(text_parts)
+    base = {"row": task.row, "id": task.id, "split": task.split}
+    if image_error is not None and not text_parts:
+        failure = dict(base, reason="no_usable_modality", kind="rejected", image_error=image_error.reason,
+                       detail=image_error.detail)
+        return Result(None, task.label_index, failure, notes)
+    failure = None
+    if image_error is not None:
+        failure = dict(base, reason=image_error.reason, kind="degraded", detail=image_error.detail)
+    elif not text_parts:
+        failure = dict(base, reason="text_empty", kind="degraded")
+    if text_parts:
+        members["txt"] = "\n".join(text_parts).encode("utf-8")
+    members["json"] = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    members["cls"] = str(task.label_index).encode("ascii")
+    return Result(members, task.label_index, failure, notes)

