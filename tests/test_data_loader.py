@@ -10,7 +10,7 @@ import torch
 from _shards import LABELS, write_img2dataset, write_packed, write_split
 from mmcat.config import TrainRunConfig, load_config
 from mmcat.data import BadSampleError, DataError, build_eval_loader, build_train_loader
-from mmcat.data.loader import epoch_shard_order, rank_shards
+from mmcat.data.loader import epoch_shard_order, iterate_batches, rank_shards
 from mmcat.models import load_tokenizer
 from mmcat.models.tiny import make_tiny_text_model
 
@@ -172,8 +172,9 @@ def test_truncated_tar_is_counted_not_fatal(tmp_path, tokenizer):
 def test_strict_mode_fails_with_a_clear_message(tmp_path, tokenizer, num_workers):
     write_split(tmp_path, "val", [4], bad={"p00002": "corrupt_jpg"})
     cfg = make_cfg(tmp_path, "data.strict=true")
-    with pytest.raises(Exception) as err:
-        list(build_eval_loader(cfg.data, "val", tokenizer, batch_size=2, num_workers=num_workers))
+    loader = build_eval_loader(cfg.data, "val", tokenizer, batch_size=2, num_workers=num_workers)
+    with pytest.raises(Exception) as err, iterate_batches(loader) as batches:  # stops the workers on error
+        list(batches)
     assert "p00002" in str(err.value) and "data.strict=true" in str(err.value)
     if num_workers == 0:
         assert isinstance(err.value, BadSampleError)

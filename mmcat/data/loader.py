@@ -56,6 +56,7 @@ class LoaderInfo:
     samples_per_epoch: int  # global, as counted in the size tables (or data.samples_per_epoch)
     num_shards: int
     skip_batches: int = 0  # this loader yields batches_per_epoch - skip_batches batches
+    rank_shards: Optional[List[str]] = None  # the shards this rank reads this epoch (None: resampled)
 
 
 # --------------------------------------------------------------------------------------------- deterministic plan
@@ -357,7 +358,8 @@ def build_train_loader(cfg: Any, tokenizer: Any, rank: int, world_size: int, epo
                  int(skip_batches))
     dataset = _pipeline(plan, data, tokenizer).with_length(per_epoch - skip_batches, silent=True)
     loader = _data_loader(dataset, num_workers, int(data.prefetch_factor))
-    return LoaderInfo(loader, per_epoch, n, len(shards), int(skip_batches))
+    return LoaderInfo(loader, per_epoch, n, len(shards), int(skip_batches),
+                      None if data.resampled else list(mine))
 
 
 def _shard_weights(sources: Sequence[ShardSource]) -> List[float]:

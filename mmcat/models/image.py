@@ -41,6 +41,24 @@ def _load_state_dict(path: str) -> dict:
     return out
 
 
+def _download(url: str, path: str, name: str) -> None:
+    """Fetch torchvision's weights into the hub cache where a network is reachable; a clear error otherwise."""
+    import socket
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # torch.hub takes no timeout; a black-holed network must not hang every rank
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.hub.download_url_to_file(url, path, progress=False)
+    except Exception as exc:  # no network, DNS failure, proxy: all mean "not available here"
+        raise ModelLoadError(
+            f"ImageNet weights for {name} are not in the torch hub cache ({path}) and could not be downloaded "
+            f"({type(exc).__name__}: {exc}); download {url} to that path (or set TORCH_HOME), or set "
+            f"model.image.weights=/path/to/state_dict.pth or none") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def build_resnet(name: str, weights: str) -> nn.Module:
     if name not in RESNETS:
         raise ValueError(f"model.image.name must be one of {', '.join(RESNETS)}, got '{name}'")
@@ -51,9 +69,7 @@ def build_resnet(name: str, weights: str) -> nn.Module:
     if weights == "imagenet":
         path, url = imagenet_weights_path(name)
         if not os.path.isfile(path):
-            raise ModelLoadError(
-                f"ImageNet weights for {name} are not in the torch hub cache ({path}); download {url} to that "
-                f"path (or set TORCH_HOME), or set model.image.weights=/path/to/state_dict.pth or none")
+            _download(url, path, name)
     else:
         path = weights
     missing, unexpected = net.load_state_dict(_load_state_dict(path), strict=False)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 import torch
 from accelerate import Accelerator
@@ -107,7 +108,7 @@ def build_accelerator(cfg: Any) -> Accelerator:
     if use_ds:
         extra["deepspeed_plugin"] = _deepspeed_plugin(cfg)
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if launcher_precision and launcher_precision != cfg.train.precision:
+    if launcher_precision not in (None, "no", cfg.train.precision):  # 'no' is accelerate launch's default
         log.warning("the launcher asks for mixed precision %r, the mmcat config for %r: using train.precision=%r",
                     launcher_precision, cfg.train.precision, cfg.train.precision)
     accelerator = Accelerator(
@@ -145,3 +146,25 @@ def describe(accelerator: Accelerator) -> str:
         f"device={accelerator.device} precision={accelerator.mixed_precision} world_size={accelerator.num_processes} "
         f"engine={engine} backend={getattr(accelerator.state, 'backend', None)}"
     )
+
+
+@contextmanager
+def whole_model_init(accelerator: Accelerator) -> Iterator[None]:
+    """Build models with whole parameters even under ZeRO-3.
+
+    accelerate registers its ZeRO-3 config with transformers, which then builds Hugging Face models inside
+    ``deepspeed.zero.Init`` (partitioned, already bf16) while torchvision's ResNet is built whole in fp32: the
+    engine then meets mixed dtypes, and a model built for evaluation would have empty parameters. Our models fit
+    on one device, so we build them whole and let the engine partition them in ``prepare``.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or not plugin.hf_ds_config.is_zero3():
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()

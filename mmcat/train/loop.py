@@ -16,7 +16,7 @@ from mmcat.config import to_container, to_yaml
 from mmcat.data import iterate_batches
 from mmcat.evaluation import dummy_batch, evaluate, forward_batch, to_device
 from mmcat.metrics import confusion_image, format_table, summary
-from mmcat.train.accel import build_accelerator, describe
+from mmcat.train.accel import build_accelerator, describe, whole_model_init
 from mmcat.train.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
 from mmcat.train.optim import build_loss, build_optimizer, build_scheduler, total_optimizer_steps
 from mmcat.train.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
@@ -92,7 +92,14 @@ class Trainer:
         log.info("train: %d shards, %d samples/epoch, %d batches/epoch/rank, %d optimizer steps",
                  probe.num_shards, probe.samples_per_epoch, self.batches_per_epoch, self.total_steps)
 
-        model = build_model(cfg.model, num_labels=len(self.labels))
+        model_cfg = cfg.model
+        if acc.state.deepspeed_plugin is not None and cfg.model.image.channels_last:
+            # DeepSpeed flattens parameters into contiguous buffers and rejects channels-last conv weights
+            log.info("DeepSpeed: ResNet weights kept contiguous (model.image.channels_last ignored)")
+            model_cfg = cfg.model.copy()
+            model_cfg.image.channels_last = False
+        with whole_model_init(acc):
+            model = build_model(model_cfg, num_labels=len(self.labels))
         optimizer = build_optimizer(model, cfg)
         scheduler = build_scheduler(optimizer, cfg, self.total_steps)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
@@ -190,8 +197,20 @@ class Trainer:
         cfg, acc, st = self.cfg, self.accelerator, self.state
         info = self._build_train_loader(cfg, self.tokenizer, acc.process_index, acc.num_processes,
                                         epoch=st.epoch, skip_batches=st.batch_in_epoch)
+        self._record_data_plan(info)
         with iterate_batches(info.loader) as batches:
             return self._train_batches(batches, preempt)
+
+    def _record_data_plan(self, info) -> None:
+        """RUN_DIR/data_plan/epoch-E-rank-R.json: which shards each rank read, for auditing distributed runs."""
+        acc, st = self.accelerator, self.state
+        plan_dir = self.out / "data_plan"
+        plan_dir.mkdir(parents=True, exist_ok=True)
+        plan = {"epoch": st.epoch, "rank": acc.process_index, "world_size": acc.num_processes,
+                "batches": info.batches_per_epoch, "start_batch": st.batch_in_epoch,
+                "shards": list(info.rank_shards or []),
+                "resampled": info.rank_shards is None}
+        _write_atomic(plan_dir / f"epoch-{st.epoch}-rank-{acc.process_index}.json", json.dumps(plan, indent=1))
 
     def _train_batches(self, batches, preempt: PreemptionFlag) -> Tuple[bool, bool]:
         acc, st, t = self.accelerator, self.state, self.cfg.train
@@ -258,7 +277,8 @@ class Trainer:
 
         acc, st = self.accelerator, self.state
         acc.wait_for_everyone()
-        art = load_artifact(self.out / "best", device=acc.device)
+        with whole_model_init(acc):
+            art = load_artifact(self.out / "best", device=acc.device)
         results: Dict[str, Any] = {}
         for split in (self.cfg.data.val_split, self.cfg.data.test_split):
             res = self.evaluate_split(split, model=art.model)
