@@ -5,6 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mmcat-installed
 DEMO   ?= demo
+DEMO_PRODUCTS ?= 900
 PYTEST_ARGS ?=
 
 .PHONY: demo test venv bench clean
@@ -18,9 +19,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/mmcat synth --out $(DEMO)/raw
-	$(VENV)/bin/mmcat pack $(DEMO)/raw/products.csv --out $(DEMO)/packed --workers 2 --image-size 160
+	$(VENV)/bin/mmcat synth --out $(DEMO)/raw --num-products $(DEMO_PRODUCTS)
+	$(VENV)/bin/mmcat pack $(DEMO)/raw/products.csv --out $(DEMO)/packed --workers 2 --image-size 128 \
+		--max-samples-per-shard 100
 	$(VENV)/bin/mmcat inspect $(DEMO)/packed
+	rm -rf $(DEMO)/run
+	$(VENV)/bin/mmcat train --config configs/tiny_cpu.yaml data.root=$(DEMO)/packed output_dir=$(DEMO)/run
+	$(VENV)/bin/mmcat eval --model $(DEMO)/run/best --data $(DEMO)/packed --split test \
+		--out $(DEMO)/run/test_metrics.json
 
 test: $(STAMP)
 	bash tools/local_slurm.sh ensure-installed

@@ -2,11 +2,14 @@
 
 - pack.sbatch as a 2-task job array + the dependent merge == one plain `mmcat pack`;
 - train.sbatch: 2 CPU processes (torchrun + gloo) on one node -> metrics.json;
-- preemption: `scancel --signal=USR1 --batch` -> checkpoint, requeue, resume, finish at the expected step.
+- preemption: `scancel --signal=USR1 --batch` -> checkpoint, requeue (SLURM_RESTART_COUNT=1), resume from that
+  checkpoint, finish at the step and sample count of an uninterrupted run;
+- an invalid config fails the job at once (exit 2), without starting a node or requeueing.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -19,6 +22,8 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
+
+from train_helpers import free_port, metrics, sizes, write_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -34,8 +39,10 @@ class Cluster:
     dir: Path
     env: Dict[str, str]
 
-    def run(self, *cmd: str, timeout: float = 60, check: bool = True, cwd: Path | None = None):
-        proc = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    def run(self, *cmd: str, timeout: float = 60, check: bool = True, cwd: Path | None = None,
+            env: Dict[str, str] | None = None):
+        proc = subprocess.run(list(cmd), env=env or self.env, capture_output=True, text=True, timeout=timeout,
+                              cwd=cwd)
         if check and proc.returncode != 0:
             raise AssertionError(f"{shlex.join(cmd)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
         return proc
@@ -95,11 +102,8 @@ def slurm_cluster(tmp_path_factory) -> Cluster:
 
 
 @pytest.fixture(scope="session")
-def raw_products(tmp_path_factory) -> Path:
-    raw = tmp_path_factory.mktemp("slurm_raw")
-    subprocess.run([sys.executable, "-m", "mmcat", "synth", "--out", str(raw), "--num-products", "80",
-                    "--num-classes", "4", "--min-side", "40", "--max-side", "64"], check=True, timeout=300)
-    return raw / "products.csv"
+def raw_products(tiny_raw_dataset) -> Path:
+    return tiny_raw_dataset / "products.csv"  # conftest's 120 products, 4 classes
 
 
 @pytest.fixture(scope="session")
@@ -159,51 +163,54 @@ def test_pack_array_and_merge_equal_single_pack(slurm_cluster, raw_products, pac
 
 
 # ----------------------------------------------------------------------------------------------- training
-def write_train_config(tmp_path: Path, packed: Path, run_dir: Path, **train) -> Path:
+BATCH, NPROC = 4, 2
+
+
+@pytest.fixture(scope="module")
+def tiny_text(tmp_path_factory) -> str:
     from mmcat.models.tiny import make_tiny_text_model
 
-    text_dir = tmp_path / "tiny_text"
-    if not text_dir.exists():
-        make_tiny_text_model(text_dir)
-    cfg = {
-        "seed": 0,
-        "output_dir": str(run_dir),
-        "data": {"root": str(packed), "image_size": 32, "max_text_length": 16, "num_workers": 1,
-                 "shuffle_buffer": 16},
-        "model": {"image": {"name": "resnet18", "weights": "none", "channels_last": False},
-                  "text": {"name": str(text_dir), "pretrained": False},
-                  "fusion": "concat", "hidden_dim": 16},
-        "train": {"batch_size": 4, "epochs": 50, "log_every": 1, **train},
-    }
-    path = tmp_path / "train.yaml"
-    path.write_text(json.dumps(cfg))  # JSON is YAML
-    return path
+    return make_tiny_text_model(tmp_path_factory.mktemp("slurm_tiny_bert"))
 
 
-def submit_train(cluster: Cluster, tmp_path: Path, config: Path, *overrides: str, nproc: int = 2) -> str:
-    env_extra = {"MMCAT_NPROC_PER_NODE": str(nproc), "OMP_NUM_THREADS": "1"}
-    cluster.env.update(env_extra)
-    try:
-        sub = cluster.run("sbatch", "--parsable", "--nodes=1", "--cpus-per-task=2",
-                          str(REPO / "slurm" / "train.sbatch"), "--config", str(config), *overrides, cwd=tmp_path)
-    finally:
-        for k in env_extra:
-            cluster.env.pop(k)
+def train_config(tmp_path: Path, tiny_text: str, packed: Path, **train) -> Path:
+    """train_helpers' tiny config, smaller still (batch 4, 32 px) so that a 2-process step takes ~1 s here."""
+    sections = {f"train__{k}": v for k, v in dict(batch_size=BATCH, epochs=50, log_every=1, **train).items()}
+    return write_config(tmp_path / "train.yaml", tiny_text, packed, tmp_path / "run", data__max_text_length=16,
+                        data__shuffle_buffer=16, model__hidden_dim=16, **sections)
+
+
+def submit_train(cluster: Cluster, tmp_path: Path, config: Path, *overrides: str) -> str:
+    # a free rendezvous port: the default (20000 + job id) would collide with a second test session's cluster,
+    # whose job ids also start at 1
+    env = dict(cluster.env, MMCAT_NPROC_PER_NODE=str(NPROC), MMCAT_MASTER_PORT=str(free_port()),
+               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    sub = cluster.run("sbatch", "--parsable", "--nodes=1", "--cpus-per-task=2", str(REPO / "slurm" / "train.sbatch"),
+                      "--config", str(config), *overrides, cwd=tmp_path, env=env)
     return sub.stdout.strip().split(";")[0]
 
 
-def test_train_two_cpu_processes(slurm_cluster, packed, tmp_path):
+def uninterrupted_counts(packed: Path, max_steps: int) -> tuple:
+    """(global_step, samples_seen) of an uninterrupted run: every rank sees full batches (the loader loops over
+    its shards), so each optimizer step is BATCH x NPROC samples; max_steps must end before the epochs do."""
+    per_rank_batches = math.ceil(sum(sizes(packed).values()) / (BATCH * NPROC))
+    assert max_steps < per_rank_batches * 50, "the test's max_steps must be reached before the last epoch ends"
+    return max_steps, max_steps * BATCH * NPROC
+
+
+def test_train_two_cpu_processes(slurm_cluster, packed, tiny_text, tmp_path):
     run_dir = tmp_path / "run"
-    config = write_train_config(tmp_path, packed, run_dir, max_steps=4, eval_every=4, save_every=0)
+    config = train_config(tmp_path, tiny_text, packed, max_steps=4, eval_every=4, save_every=0)
     job = submit_train(slurm_cluster, tmp_path, config, "train.lr=0.002")
     logs = [run_dir / "logs", tmp_path]
     (info,) = slurm_cluster.wait(job, timeout=300, logs=logs)
     assert info["JobState"] == "COMPLETED", dump_logs(logs)
     assert info["Restarts"] == "0"
 
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["global_step"] == 4
-    assert metrics["world_size"] == 2, "expected 2 processes (torchrun, gloo) on the one node"
+    m = metrics(run_dir)
+    assert m["world_size"] == NPROC, "expected 2 processes (torchrun, gloo) on the one node"
+    assert (m["global_step"], m["samples_seen"]) == uninterrupted_counts(packed, 4)
+    assert m["test"]["fused"]["num_samples"] == sum(sizes(packed, "test").values())
     assert (run_dir / "config.yaml").read_text().count("lr: 0.002") == 1, "override after the script was ignored"
     batch_log = (run_dir / "logs" / job / "batch.log").read_text()
     assert "1 node(s) x 2 = 2 process(es)" in batch_log and "training finished" in batch_log
@@ -211,17 +218,17 @@ def test_train_two_cpu_processes(slurm_cluster, packed, tmp_path):
     assert (run_dir / "logs" / job / "node-0.log").is_file()
 
 
-def test_preempted_job_requeues_and_resumes(slurm_cluster, packed, tmp_path):
+def test_preempted_job_requeues_and_resumes(slurm_cluster, packed, tiny_text, tmp_path):
     run_dir = tmp_path / "run"
-    total = 40
-    config = write_train_config(tmp_path, packed, run_dir, max_steps=total, eval_every=total, save_every=10,
-                                keep_checkpoints=5)
+    total, first_save = 30, 8
+    config = train_config(tmp_path, tiny_text, packed, max_steps=total, eval_every=total, save_every=first_save,
+                          keep_checkpoints=5)
     job = submit_train(slurm_cluster, tmp_path, config)
     logs = [run_dir / "logs", tmp_path]
 
     # the first periodic checkpoint proves the training loop (and its signal handler) is running
     deadline = time.monotonic() + 240
-    while not (run_dir / "checkpoints" / "step-10").is_dir():
+    while not (run_dir / "checkpoints" / f"step-{first_save}").is_dir():
         states = [j["JobState"] for j in slurm_cluster.jobs(job)]
         if time.monotonic() > deadline or any(s in TERMINAL for s in states):
             pytest.fail(f"no first checkpoint (job {states})\n" + dump_logs(logs))
@@ -233,27 +240,36 @@ def test_preempted_job_requeues_and_resumes(slurm_cluster, packed, tmp_path):
     assert info["JobState"] == "COMPLETED", dump_logs(logs)
     assert info["Restarts"] == "1", dump_logs(logs)
 
+    batch_log = (run_dir / "logs" / job / "batch.log").read_text()
+    first, sep, second = batch_log.partition(f"job {job} restart 1 on ")
+    assert sep, "the job did not run again with SLURM_RESTART_COUNT=1\n" + dump_logs(logs)
+    assert "got USR1" in first and f"requeueing job {job}" in first and "training finished" not in first
+    assert "train.resume=latest" not in first, "the first run must start fresh"
+    assert "train.resume=latest" in second.splitlines()[0], "the requeued run was not told to resume"
+    assert second.count("training finished") == 1 and "requeueing" not in second
+
     node_log = (run_dir / "logs" / job / "node-0.log").read_text()
-    m = re.search(r"preempted at step (\d+)", node_log)
+    first, sep, second = node_log.partition("] restart 1: ")  # the srun task prints SLURM_RESTART_COUNT too
+    assert sep, dump_logs(logs)
+    m = re.search(r"preempted at step (\d+): checkpoint saved, exiting 75", first)
     assert m, "the trainer did not checkpoint on the forwarded signal\n" + dump_logs(logs)
     stopped_at = int(m.group(1))
-    assert 10 <= stopped_at < total
-    assert re.search(rf"resumed from \S*step-{stopped_at} \(step {stopped_at}", node_log), dump_logs(logs)
-    batch_log = (run_dir / "logs" / job / "batch.log").read_text()
-    assert "got USR1" in batch_log and "requeueing job" in batch_log and "restart 1" in batch_log
-    assert batch_log.count("training finished") == 1
-    # the restarted run was told to resume; the first run was not
-    assert "train.resume=latest" in batch_log.split("restart 1")[1]
+    assert first_save <= stopped_at < total
+    assert (run_dir / "checkpoints" / f"step-{stopped_at}" / "trainer_state.json").is_file()
+    assert "resumed from" not in first
+    assert re.search(rf"resumed from \S*step-{stopped_at} \(step {stopped_at}, epoch \d+, batch \d+\)", second), \
+        dump_logs(logs)
 
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["global_step"] == total
+    m = metrics(run_dir)
+    assert (m["global_step"], m["samples_seen"]) == uninterrupted_counts(packed, total), m
+    assert m["world_size"] == NPROC
     # the batch output file was appended across the requeue, not truncated
     out = (tmp_path / f"mmcat-train-{job}.out").read_text()
-    assert "restart 0" in out and "restart 1" in out
+    assert f"job {job} restart 0" in out and f"job {job} restart 1" in out
 
 
-def test_bad_config_fails_fast_without_requeue(slurm_cluster, packed, tmp_path):
-    config = write_train_config(tmp_path, packed, tmp_path / "run", max_steps=2)
+def test_bad_config_fails_fast_without_requeue(slurm_cluster, packed, tiny_text, tmp_path):
+    config = train_config(tmp_path, tiny_text, packed, max_steps=2)
     job = submit_train(slurm_cluster, tmp_path, config, "train.no_such_key=1")
     (info,) = slurm_cluster.wait(job, timeout=60, logs=[tmp_path])
     out = (tmp_path / f"mmcat-train-{job}.out").read_text()

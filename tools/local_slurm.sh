@@ -34,10 +34,14 @@ ensure_installed() {
     [[ -z "$(missing_binaries)" ]] && return 0
     [[ $(id -u) -eq 0 ]] || die "SLURM is not installed and installing needs root: apt-get install ${PACKAGES[*]}"
     command -v apt-get >/dev/null || die "SLURM is not installed and apt-get is not available (need: ${PACKAGES[*]})"
+    # two `make test` runs at once: the second waits for the first's install instead of failing on apt's lock
+    mkdir -p /run/lock && exec 9>/run/lock/mmcat-local-slurm-install.lock
+    flock -w 900 9 || die "another install of ${PACKAGES[*]} is still running after 900 s"
+    [[ -z "$(missing_binaries)" ]] && return 0
     log "installing ${PACKAGES[*]} (missing: $(missing_binaries | tr '\n' ' '))"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >&2 || die "apt-get update failed; cannot install ${PACKAGES[*]}"
-    apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >&2 \
+    apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=300 "${PACKAGES[@]}" >&2 \
         || die "apt-get install ${PACKAGES[*]} failed"
     local still
     still=$(missing_binaries | tr '\n' ' ')

@@ -12,12 +12,13 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from mmcat.config import to_container, to_yaml
+from mmcat.config import ConfigError, to_container, to_yaml
 from mmcat.data import iterate_batches
 from mmcat.evaluation import dummy_batch, evaluate, forward_batch, to_device
 from mmcat.metrics import confusion_image, format_table, summary
 from mmcat.train.accel import build_accelerator, describe, whole_model_init
-from mmcat.train.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
+from mmcat.train.checkpoint import (TrainerState, list_checkpoints, load_checkpoint, resolve_resume,
+                                   save_checkpoint)
 from mmcat.train.optim import build_loss, build_optimizer, build_scheduler, total_optimizer_steps
 from mmcat.train.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
 
@@ -78,6 +79,9 @@ class Trainer:
         set_seed(cfg.seed, device_specific=False)  # same init on every rank; DDP/DeepSpeed also broadcast it
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
+        if cfg.train.resume in ("none", "") and list_checkpoints(self.ckpt_root):
+            raise ConfigError(f"output_dir {self.out} holds checkpoints of an earlier run: set train.resume=latest "
+                              f"to continue it, or choose a new output_dir")
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             _write_atomic(self.out / "config.yaml", to_yaml(cfg))
