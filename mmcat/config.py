@@ -69,6 +69,8 @@ class DataConfig:
     val_split: str = "val"
     test_split: str = "test"
     image_size: int = 224
+    # random-resized-crop area range [min_crop_scale, 1]: ImageNet's 0.08 cuts most of a centred product away
+    min_crop_scale: float = 0.35
     max_text_length: int = 64
     num_workers: int = 2
     shuffle_buffer: int = 1000

@@ -204,8 +204,8 @@ class _ShuffleParseSkip:
 
 
 class _DecodeAugment:
-    def __init__(self, counter: BadSampleCounter, image_size: int, train: bool) -> None:
-        self.counter, self.size, self.train = counter, image_size, train
+    def __init__(self, counter: BadSampleCounter, image_size: int, train: bool, min_crop_scale: float) -> None:
+        self.counter, self.size, self.train, self.min_scale = counter, image_size, train, min_crop_scale
 
     def __call__(self, src: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
         for s in src:
@@ -218,7 +218,7 @@ class _DecodeAugment:
                     self.counter.record(str(exc), f"{s['key']} in {s['url']}")
                     continue
                 rng = random.Random(s["seed"]) if self.train else None
-                s["pixels"] = train_view(img, self.size, rng) if rng else eval_view(img, self.size)
+                s["pixels"] = train_view(img, self.size, rng, self.min_scale) if rng else eval_view(img, self.size)
             del s["image"]
             yield s
 
@@ -280,7 +280,7 @@ def _pipeline(plan: _Plan, data_cfg: Any, tokenizer: Any) -> wds.DataPipeline:
     stages = [
         _RawSamples(plan, counter, _Members(str(data_cfg.label_key))),
         _ShuffleParseSkip(plan, counter, labels, int(data_cfg.shuffle_buffer)),
-        _DecodeAugment(counter, size, train),
+        _DecodeAugment(counter, size, train, float(data_cfg.min_crop_scale)),
         wds.batched(plan.batch_size, collation_fn=_Collate(tokenizer, int(data_cfg.max_text_length), size, counter),
                     partial=not train),
         _Limit(plan),

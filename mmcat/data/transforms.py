@@ -1,6 +1,6 @@
 """Image transforms with explicit random parameters.
 
-Train: random resized crop (torchvision's ``RandomResizedCrop`` sampling: scale 0.08-1, ratio 3/4-4/3, 10 tries,
+Train: random resized crop (torchvision's ``RandomResizedCrop`` sampling: scale data.min_crop_scale-1, ratio 3/4-4/3, 10 tries,
 centre-crop fallback), horizontal flip and light colour jitter (brightness/contrast/saturation +-20%).
 Eval: resize the shorter side to ``S / 0.875`` and centre-crop ``S`` (the usual ImageNet protocol).
 
@@ -73,9 +73,9 @@ def color_jitter(img: np.ndarray, brightness: float, contrast: float, saturation
     return cv2.addWeighted(img, saturation, gray, 1.0 - saturation, 0.0)
 
 
-def train_view(img: np.ndarray, size: int, rng: random.Random) -> np.ndarray:
-    """Random resized crop, horizontal flip and light colour jitter of one image."""
-    out = crop_resize(img, random_resized_crop_box(img.shape[0], img.shape[1], rng), size)
+def train_view(img: np.ndarray, size: int, rng: random.Random, min_scale: float = 0.35) -> np.ndarray:
+    """Random resized crop (area fraction in [min_scale, 1]), horizontal flip and light colour jitter."""
+    out = crop_resize(img, random_resized_crop_box(img.shape[0], img.shape[1], rng, scale=(min_scale, 1.0)), size)
     if rng.random() < 0.5:
         out = cv2.flip(out, 1)
     return color_jitter(out, *(rng.uniform(1 - JITTER, 1 + JITTER) for _ in range(3)))
