@@ -145,7 +145,7 @@ def test_image_weights_imagenet_cache_and_state_dict_path(tmp_path, monkeypatch)
     loaded = ImageEncoder("resnet18", str(path))
     assert torch.equal(loaded.backbone.conv1.weight, source.backbone.conv1.weight)
     cache = tmp_path / "torch_home" / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
+    cache.mkdir(parents=True, exist_ok=True)  # the failed download attempt already created it
     from mmcat.models.image import imagenet_weights_path
 
     torch.save(source.backbone.state_dict(), imagenet_weights_path("resnet18")[0])
