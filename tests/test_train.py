@@ -192,3 +192,15 @@ def test_each_fusion_head_trains_and_beats_chance(fusion, fusion_data, tiny_text
     correct = sum(m[s]["fused"]["accuracy"] * m[s]["fused"]["num_samples"] for s in ("val", "test"))
     # chance is 0.25 (4 balanced classes); 0.45 on ~96 samples is > 4 standard deviations above it
     assert correct / n >= 0.45, (fusion, m["val"]["fused"], m["test"]["fused"])
+
+
+def test_early_stopping_and_bf16_autocast_on_cpu(tiny_packed_dataset, tiny_text, tmp_path):
+    """lr 0: val macro-F1 cannot really improve, so patience 1 stops the run at the first flat evaluation."""
+    cfg = write_config(tmp_path / "train.yaml", tiny_text, tiny_packed_dataset, tmp_path / "run", train__epochs=3,
+                       train__lr=0.0, train__lr_image=0.0, train__lr_text=0.0, train__eval_every=2,
+                       train__early_stopping_patience=1, train__precision="bf16")
+    proc = run(mmcat_cmd("train", "--config", str(cfg)))
+    assert "precision=bf16" in proc.stderr and "early stopping at step" in proc.stderr
+    m = metrics(tmp_path / "run")
+    total, _ = _expected_steps(tiny_packed_dataset, batch=16, world=1, workers=1, epochs=3)
+    assert m["global_step"] < total and m["global_step"] % 2 == 0

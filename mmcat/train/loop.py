@@ -149,7 +149,11 @@ class Trainer:
         else:
             st.evals_without_improvement += 1
         patience = self.cfg.train.early_stopping_patience
-        return patience > 0 and st.evals_without_improvement >= patience
+        if patience > 0 and st.evals_without_improvement >= patience:
+            log.info("early stopping at step %d: no val macro-F1 gain in %d evaluations (best %.4f at step %d)",
+                     st.global_step, patience, st.best_metric, st.best_step)
+            return True
+        return False
 
     def _export_best(self, val_metrics: Dict) -> None:
         from mmcat.artifact import export_artifact
