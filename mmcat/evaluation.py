@@ -26,20 +26,18 @@ def mode_masks(batch: Dict[str, Any], mode: str):
     return has_image, has_text
 
 
-def forward_batch(model: torch.nn.Module, batch: Dict[str, Any], mode: str = "fused",
-                  image_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def forward_batch(model: torch.nn.Module, batch: Dict[str, Any], mode: str = "fused") -> torch.Tensor:
+    # pixels may be uint8 or normalised float: the image encoder normalises/casts to its weights' dtype (which is
+    # bf16 under DeepSpeed bf16, where no autocast runs)
     has_image, has_text = mode_masks(batch, mode)
-    pixels = batch["pixel_values"]
-    if image_dtype is not None:  # DeepSpeed bf16 holds bf16 weights and no autocast: cast the input to match
-        pixels = pixels.to(image_dtype)
-    return model(pixels, batch["input_ids"], batch["attention_mask"], has_image, has_text)
+    return model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], has_image, has_text)
 
 
 def dummy_batch(tokenizer: Any, image_size: int) -> Dict[str, Any]:
     """A one-sample batch with neither modality, for lockstep forwards whose output is thrown away."""
     enc = tokenizer([""], return_tensors="pt")
     return {
-        "pixel_values": torch.zeros(1, 3, image_size, image_size),
+        "pixel_values": torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8),
         "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
         "has_image": torch.zeros(1, dtype=torch.bool), "has_text": torch.zeros(1, dtype=torch.bool),
         "labels": torch.zeros(1, dtype=torch.long),
@@ -52,8 +50,7 @@ def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelerator, labels: Sequence[str],
-             dummy: Dict[str, Any], modes: Sequence[str] = MODES,
-             image_dtype: Optional[torch.dtype] = None) -> Dict[str, Dict]:
+             dummy: Dict[str, Any], modes: Sequence[str] = MODES) -> Dict[str, Dict]:
     """Metrics per mode over every sample that ``batches`` yields on every rank."""
     was_training = model.training
     model.eval()
@@ -71,7 +68,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelera
             batch = to_device(batch, accelerator.device) if real else dummy
             with accelerator.autocast():
                 for mode in modes:
-                    logits = forward_batch(model, batch, mode, image_dtype)
+                    logits = forward_batch(model, batch, mode)
                     if real:
                         preds[mode].extend(logits.argmax(dim=-1).tolist())
             if real:

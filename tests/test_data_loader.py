@@ -220,3 +220,19 @@ def test_missing_split_and_bad_root_are_clear_errors(tmp_path, tokenizer):
         build_eval_loader(make_cfg(tmp_path).data, "val", tokenizer, 2, 0)
     with pytest.raises(DataError, match="not a directory or a shard pattern"):
         build_eval_loader(make_cfg(Path(tmp_path) / "nope").data, "val", tokenizer, 2, 0)
+
+
+def test_uint8_pixels_mode_feeds_the_model_the_same_input(tmp_path, tokenizer):
+    """data.uint8_pixels=true (the default with CUDA) ships uint8; the model's normalisation matches the loader's."""
+    from mmcat.models.image import ImageEncoder
+
+    write_packed(tmp_path, {"val": [5, 4]}, missing_every=4)
+    cfg = make_cfg(tmp_path)
+    floats = list(build_eval_loader(cfg.data, "val", tokenizer, batch_size=4, num_workers=0))
+    cfg.data.uint8_pixels = True
+    uint8s = list(build_eval_loader(cfg.data, "val", tokenizer, batch_size=4, num_workers=0))
+    enc = ImageEncoder("resnet18", "none")
+    for f, u in zip(floats, uint8s, strict=True):
+        assert u["pixel_values"].dtype == torch.uint8 and f["pixel_values"].dtype == torch.float32
+        has = f["has_image"]
+        assert torch.allclose(enc.normalize(u["pixel_values"])[has], f["pixel_values"][has], atol=1e-5)

@@ -93,8 +93,16 @@ def test_transforms_shapes_determinism_and_normalisation():
     assert e.shape == (32, 32, 3)
     flat = np.zeros((2, 8, 8, 3), np.uint8)
     flat[:] = (np.array(IMAGENET_MEAN) * 255).round().astype(np.uint8)
-    x = to_pixel_values(flat, torch.tensor([True, False]))
-    assert x.shape == (2, 3, 8, 8) and x.abs().max() < 0.02 and torch.all(x[1] == 0)
+    mask = torch.tensor([True, False])
+    x = to_pixel_values(flat.copy(), mask, normalize=True)  # CPU training: normalised in the loader worker
+    assert x.shape == (2, 3, 8, 8) and x.dtype == torch.float32 and x.abs().max() < 0.02 and torch.all(x[1] == 0)
+    u = to_pixel_values(flat.copy(), mask, normalize=False)  # GPU training: uint8 out, the model normalises
+    assert u.dtype == torch.uint8 and torch.equal(u[0, :, 0, 0], torch.from_numpy(flat[0, 0, 0]))
+    from mmcat.models.image import ImageEncoder
+
+    enc = ImageEncoder("resnet18", "none")
+    assert torch.allclose(enc.normalize(u[:1]), x[:1], atol=1e-5)  # both paths feed the ResNet the same input
+    assert torch.equal(enc.normalize(x), x)  # float input is taken as normalised already (cast only)
     grey = np.full((4, 4, 3), 100, np.uint8)
     assert np.array_equal(color_jitter(grey, 1.0, 1.0, 1.0), grey)
     assert color_jitter(grey, 1.2, 1.0, 1.0).mean() == pytest.approx(120, abs=1)  # brightness

@@ -224,10 +224,12 @@ class _DecodeAugment:
 
 
 class _Collate:
-    """Batch in the worker: stack images, normalise once per batch, tokenize all texts in one call."""
+    """Batch in the worker: stack images (uint8, or normalised once per batch), tokenize all texts in one call."""
 
-    def __init__(self, tokenizer: Any, max_length: int, image_size: int, counter: BadSampleCounter) -> None:
+    def __init__(self, tokenizer: Any, max_length: int, image_size: int, counter: BadSampleCounter,
+                 normalize: bool) -> None:
         self.tokenizer, self.max_length, self.size, self.counter = tokenizer, max_length, image_size, counter
+        self.normalize = normalize
 
     def __call__(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         images = np.zeros((len(samples), self.size, self.size, 3), np.uint8)
@@ -239,7 +241,7 @@ class _Collate:
         tok = self.tokenizer([s["text"] or "" for s in samples], padding=True, truncation=True,
                              max_length=self.max_length, return_tensors="pt", return_token_type_ids=False)
         return {
-            "pixel_values": to_pixel_values(images, has_image),
+            "pixel_values": to_pixel_values(images, has_image, self.normalize),
             "input_ids": tok["input_ids"].long(),
             "attention_mask": tok["attention_mask"].long(),
             "has_image": has_image,
@@ -272,6 +274,13 @@ class _Limit:
                 return
 
 
+def _uint8_pixels(data_cfg: Any) -> bool:
+    """Ship uint8 pixels (the model normalises on the GPU) unless training runs on the CPU, where normalising in
+    the loader workers keeps that work parallel instead of serial in the trainer process."""
+    choice = data_cfg.get("uint8_pixels") if hasattr(data_cfg, "get") else getattr(data_cfg, "uint8_pixels", None)
+    return torch.cuda.is_available() if choice is None else bool(choice)
+
+
 def _pipeline(plan: _Plan, data_cfg: Any, tokenizer: Any) -> wds.DataPipeline:
     train = plan.mode != "eval"
     counter = BadSampleCounter(bool(data_cfg.strict))
@@ -281,7 +290,8 @@ def _pipeline(plan: _Plan, data_cfg: Any, tokenizer: Any) -> wds.DataPipeline:
         _RawSamples(plan, counter, _Members(str(data_cfg.label_key))),
         _ShuffleParseSkip(plan, counter, labels, int(data_cfg.shuffle_buffer)),
         _DecodeAugment(counter, size, train, float(data_cfg.min_crop_scale)),
-        wds.batched(plan.batch_size, collation_fn=_Collate(tokenizer, int(data_cfg.max_text_length), size, counter),
+        wds.batched(plan.batch_size, collation_fn=_Collate(tokenizer, int(data_cfg.max_text_length), size, counter,
+                                                            normalize=not _uint8_pixels(data_cfg)),
                     partial=not train),
         _Limit(plan),
     ]

@@ -85,8 +85,17 @@ def eval_view(img: np.ndarray, size: int) -> np.ndarray:
     return crop_resize(img, center_crop_box(img.shape[0], img.shape[1], size), size)
 
 
-def to_pixel_values(images: np.ndarray, has_image: torch.Tensor) -> torch.Tensor:
-    """uint8 [B,S,S,3] -> float32 [B,3,S,S] (channels-last memory), ImageNet-normalised, zeros where no image."""
+def to_pixel_values(images: np.ndarray, has_image: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """uint8 [B,S,S,3] -> [B,3,S,S] (channels-last memory), zeros where no image.
+
+    ``normalize=False``: uint8 pixels (a view, no copy), 4x less shared memory and host-to-device copy than
+    float32; the model normalises them on the GPU. ``normalize=True``: float32 ImageNet-normalised here, in the
+    loader worker (on a CPU-only machine the model's process has no spare device to do it on).
+    """
+    if not normalize:
+        x = torch.from_numpy(images)
+        x[~has_image] = 0
+        return x.permute(0, 3, 1, 2)
     scale = torch.tensor([1.0 / (255.0 * s) for s in IMAGENET_STD])
     shift = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)])
     x = torch.addcmul(shift, torch.from_numpy(images).float(), scale)  # one fused pass over contiguous NHWC

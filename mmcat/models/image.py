@@ -1,8 +1,9 @@
 """Image encoder: a torchvision ResNet without its classifier, exposing pooled and spatial features.
 
-``model.image.weights``: ``none`` (random init), ``imagenet`` (torchvision's weights, read from the torch hub cache
--- never downloaded here, so offline jobs fail fast with instructions) or a path to a state dict (a full torchvision
-ResNet state dict; ``fc.*`` entries and a ``module.`` / ``backbone.`` prefix are accepted).
+``model.image.weights``: ``none`` (random init), ``imagenet`` (torchvision's weights from the torch hub cache,
+downloaded into it where a network is reachable; otherwise a one-line error says where to put the file) or a path to
+a state dict (a full torchvision ResNet state dict; ``fc.*`` entries and a ``module.`` / ``backbone.`` prefix are
+accepted).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Tuple
 import torch
 import torchvision
 from torch import nn
+
+from mmcat.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 from mmcat.models.text import ModelLoadError
 
@@ -79,7 +82,8 @@ def build_resnet(name: str, weights: str) -> nn.Module:
 
 
 class ImageEncoder(nn.Module):
-    """Returns (pooled [B, C], spatial tokens [B, h*w, C]) for ImageNet-normalised ``pixel_values``."""
+    """Returns (pooled [B, C], spatial tokens [B, h*w, C]) for ``pixel_values``: uint8 0..255 (normalised here,
+    on the device) or float, already ImageNet-normalised (see ``mmcat.data.transforms.to_pixel_values``)."""
 
     def __init__(self, name: str = "resnet50", weights: str = "none", channels_last: bool = True) -> None:
         super().__init__()
@@ -88,10 +92,21 @@ class ImageEncoder(nn.Module):
         self.channels_last = channels_last
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+        # not in the state dict: constants, and artifacts stay loadable across versions
+        self.register_buffer("pixel_mean", 255.0 * torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", 255.0 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels are ImageNet-normalised here (on the device); float pixels are taken as already normalised
+        (by the loader). Either way the result has the dtype of the conv weights (fp32, or bf16 under DeepSpeed)."""
+        dtype = self.backbone.conv1.weight.dtype
+        if pixel_values.dtype != torch.uint8:
+            return pixel_values.to(dtype)
+        return (pixel_values.to(dtype) - self.pixel_mean.to(dtype)) / self.pixel_std.to(dtype)
 
     def forward(self, pixel_values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         b = self.backbone
-        x = pixel_values.to(dtype=b.conv1.weight.dtype)  # bf16 inputs from the loader / fp32 params or vice versa
+        x = self.normalize(pixel_values)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x = b.maxpool(b.relu(b.bn1(b.conv1(x))))

@@ -109,8 +109,6 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         self.loss_fn = build_loss(cfg, label_counts(cfg.data, cfg.data.train_split)).to(acc.device)
         self.deepspeed = acc.state.deepspeed_plugin is not None
-        # DeepSpeed bf16 keeps bf16 weights and runs no autocast: images must arrive as bf16 too
-        self.image_dtype = torch.bfloat16 if self.deepspeed and cfg.train.precision == "bf16" else None
         self.dummy = dummy_batch(self.tokenizer, cfg.data.image_size)
         self.state = TrainerState()
         # accumulation windows carry across epoch ends (DeepSpeed's semantics), so these outlive an epoch
@@ -126,8 +124,7 @@ class Trainer:
                                  self.cfg.data.num_workers, rank=acc.process_index, world_size=acc.num_processes)
 
     def evaluate_split(self, split: str, model: Optional[torch.nn.Module] = None) -> Dict[str, Dict]:
-        return evaluate(model or self.model, self._eval_batches(split), self.accelerator, self.labels, self.dummy,
-                        image_dtype=self.image_dtype if model is None else None)
+        return evaluate(model or self.model, self._eval_batches(split), self.accelerator, self.labels, self.dummy)
 
     def _eval_and_export(self) -> bool:
         """Validate; export ``best/`` when val macro-F1 improves. Returns True when early stopping says stop."""
@@ -228,7 +225,7 @@ class Trainer:
             self.meter.wait += time.perf_counter() - fetch_start
             batch = to_device(batch, acc.device)
             with acc.accumulate(self.model):
-                logits = forward_batch(self.model, batch, "fused", self.image_dtype)
+                logits = forward_batch(self.model, batch, "fused")
                 loss = self.loss_fn(logits.float(), batch["labels"])
                 acc.backward(loss)
                 if acc.sync_gradients and not self.deepspeed and t.clip_grad_norm > 0:
