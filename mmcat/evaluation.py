@@ -9,7 +9,7 @@ every forward and a rank that stopped early would hang the others.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Sequence
 
 import torch
 
