@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Dict, Iterable, List, Sequence
 
 import torch
+from accelerate.utils import send_to_device
 
 from mmcat.data.loader import iterate_batches
 from mmcat.metrics import MODES, classification_metrics
@@ -44,10 +45,6 @@ def dummy_batch(tokenizer: Any, image_size: int) -> Dict[str, Any]:
     }
 
 
-def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelerator, labels: Sequence[str],
              dummy: Dict[str, Any], modes: Sequence[str] = MODES) -> Dict[str, Dict]:
@@ -57,7 +54,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelera
     preds: Dict[str, List[int]] = {m: [] for m in modes}
     targets: List[int] = []
     skipped = 0
-    dummy = to_device(dummy, accelerator.device)
+    dummy = send_to_device(dummy, accelerator.device)
     with iterate_batches(batches) as iterator:
         while True:
             batch = next(iterator, None)
@@ -65,7 +62,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelera
             if accelerator.reduce(has_batch, "sum").item() == 0:
                 break
             real = batch is not None
-            batch = to_device(batch, accelerator.device) if real else dummy
+            batch = send_to_device(batch, accelerator.device, non_blocking=True) if real else dummy
             with accelerator.autocast():
                 for mode in modes:
                     logits = forward_batch(model, batch, mode)

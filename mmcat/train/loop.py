@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import send_to_device, set_seed
 from tqdm.auto import tqdm
 
 from mmcat.config import ConfigError, to_container, to_yaml
 from mmcat.data import iterate_batches
-from mmcat.evaluation import dummy_batch, evaluate, forward_batch, to_device
+from mmcat.evaluation import dummy_batch, evaluate, forward_batch
 from mmcat.metrics import confusion_image, format_table, summary
 from mmcat.train.accel import build_accelerator, describe, whole_model_init
 from mmcat.train.checkpoint import (TrainerState, list_checkpoints, load_checkpoint, resolve_resume,
@@ -223,7 +223,7 @@ class Trainer:
         fetch_start = time.perf_counter()
         for batch in batches:
             self.meter.wait += time.perf_counter() - fetch_start
-            batch = to_device(batch, acc.device)
+            batch = send_to_device(batch, acc.device, non_blocking=True)
             with acc.accumulate(self.model):
                 logits = forward_batch(self.model, batch, "fused")
                 loss = self.loss_fn(logits.float(), batch["labels"])
