@@ -12,6 +12,7 @@ from typing import List, Optional
 from mmcat.config import ConfigError
 
 EXIT_CONFIG_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -119,6 +120,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         print(f"mmcat {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints at the step boundary)
+        print(f"mmcat {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:
         if not _is_user_error(exc):
             raise

@@ -132,6 +132,9 @@ class TrainConfig:
     resume: str = "none"  # none | latest | /path/to/checkpoints/step-N
     early_stopping_patience: int = 0  # evaluations without val macro-F1 improvement; 0 = off
     log_every: int = 10
+    # checkpoint and exit 75 (requeue) after this many optimizer steps in one invocation: fixed-length jobs on a
+    # time-limited queue, and the proof that resume is exact; 0 = off
+    stop_after_steps: int = 0
 
 
 @dataclass

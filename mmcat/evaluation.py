@@ -9,7 +9,7 @@ every forward and a rank that stopped early would hang the others.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from accelerate.utils import send_to_device
@@ -47,8 +47,13 @@ def dummy_batch(tokenizer: Any, image_size: int) -> Dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelerator, labels: Sequence[str],
-             dummy: Dict[str, Any], modes: Sequence[str] = MODES) -> Dict[str, Dict]:
-    """Metrics per mode over every sample that ``batches`` yields on every rank."""
+             dummy: Dict[str, Any], modes: Sequence[str] = MODES,
+             stop_requested: Callable[[], bool] = lambda: False) -> Optional[Dict[str, Dict]]:
+    """Metrics per mode over every sample that ``batches`` yields on every rank.
+
+    Returns None when ``stop_requested()`` turned true on any rank (a preemption during a long validation): the
+    ranks agree on it in the same collective that keeps them in lockstep, so the trainer can still checkpoint in
+    time and evaluate again after the resume."""
     was_training = model.training
     model.eval()
     preds: Dict[str, List[int]] = {m: [] for m in modes}
@@ -58,8 +63,12 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelera
     with iterate_batches(batches) as iterator:
         while True:
             batch = next(iterator, None)
-            has_batch = torch.tensor([0 if batch is None else 1], device=accelerator.device)
-            if accelerator.reduce(has_batch, "sum").item() == 0:
+            flags = torch.tensor([0 if batch is None else 1, int(stop_requested())], device=accelerator.device)
+            more, stop = accelerator.reduce(flags, "sum").tolist()
+            if stop:
+                model.train(was_training)
+                return None
+            if more == 0:
                 break
             real = batch is not None
             batch = send_to_device(batch, accelerator.device, non_blocking=True) if real else dummy

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import ROOT, free_port, metrics, mmcat_cmd, run, sizes, torchrun_cmd, write_config
+from train_helpers import ROOT, free_port, metrics, mmcat_cmd, run, sizes, tb_scalars, torchrun_cmd, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.deepspeed]
 
@@ -16,17 +16,6 @@ def accelerate_cmd(launch_yaml: str, nproc: int, *args: str):
 
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / launch_yaml),
             "--num_processes", str(nproc), "--main_process_port", str(free_port()), "-m", "mmcat", *args]
-
-
-def tb_losses(run_dir: Path) -> dict:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    losses = {}
-    for events in sorted((run_dir / "tensorboard" / "mmcat").glob("events.out.tfevents.*")):  # not hparams subdirs
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        losses.update({e.step: e.value for e in acc.Scalars("train/loss")})
-    return losses
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +49,7 @@ def test_zero_stage_trains_resumes_exports(stage, ddp_run, tiny_packed_dataset, 
 
     # same seed, same data, fp32: the first steps' losses match plain DDP (ZeRO 1/2 shard only optimizer
     # state and gradients; ZeRO-3's partitioned forward reorders reductions, so only a looser check)
-    ds_loss, ddp_loss = tb_losses(tmp_path / "ds"), tb_losses(ddp_run)
+    ds_loss, ddp_loss = tb_scalars(tmp_path / "ds"), tb_scalars(ddp_run)
     tol = 1e-3 if stage < 3 else 5e-2
     for step in (1, 2, 3):
         assert ds_loss[step] == pytest.approx(ddp_loss[step], rel=tol, abs=tol), (step, ds_loss, ddp_loss)
@@ -73,7 +62,7 @@ def test_zero_stage_trains_resumes_exports(stage, ddp_run, tiny_packed_dataset, 
                        f"train.resume={tmp_path / 'ds' / 'checkpoints' / f'step-{half}'}"))
     r = metrics(resumed)
     assert (r["global_step"], r["samples_seen"]) == (m["global_step"], m["samples_seen"])
-    assert tb_losses(resumed)[m["global_step"]] == pytest.approx(ds_loss[m["global_step"]], rel=5e-2)
+    assert tb_scalars(resumed)[m["global_step"]] == pytest.approx(ds_loss[m["global_step"]], rel=5e-2)
 
     # best/ is the same self-contained artifact as without DeepSpeed (ZeRO-3: gathered full weights);
     # reloaded in a plain single process it predicts exactly what the training run measured on 2 ranks

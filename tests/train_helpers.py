@@ -19,7 +19,7 @@ TINY_CONFIG = {
     "model": {"image": {"name": "resnet18", "weights": "none"},
               "text": {"pretrained": False, "pooling": "mean"},
               "fusion": "gated", "hidden_dim": 32},
-    "train": {"batch_size": 16, "epochs": 2, "lr": 3e-3, "lr_image": 3e-3, "lr_text": 3e-3, "log_every": 2,
+    "train": {"batch_size": 16, "epochs": 2, "lr": 3e-3, "lr_image": 3e-3, "lr_text": 3e-3, "log_every": 1,
               "warmup_steps": 2},
 }
 
@@ -76,3 +76,29 @@ def metrics(run_dir: Path) -> Dict:
 
 def sizes(packed: Path, split: str = "train") -> Dict[str, int]:
     return json.loads((Path(packed) / split / "sizes.json").read_text())
+
+
+def tb_scalars(run_dir: Path, tag: str = "train/loss") -> Dict[int, float]:
+    """A scalar's values by step, over every TensorBoard event file of the run (a resumed run appends a file)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: Dict[int, float] = {}
+    for events in sorted((Path(run_dir) / "tensorboard" / "mmcat").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
+def train_until_done(cmd: Sequence[str], max_invocations: int = 8, **kw) -> List[int]:
+    """Run ``cmd`` (which resumes with train.resume=latest) until it exits 0; returns each invocation's exit code.
+    Exit 75 means "stopped with a checkpoint, run me again"."""
+    codes: List[int] = []
+    while not codes or codes[-1] == 75:
+        assert len(codes) < max_invocations, codes
+        proc = run(cmd, check=False, **kw)
+        codes.append(proc.returncode)
+        if proc.returncode not in (0, 75):
+            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stderr[-6000:]}")
+    return codes

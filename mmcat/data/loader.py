@@ -300,11 +300,12 @@ def _pipeline(plan: _Plan, data_cfg: Any, tokenizer: Any) -> wds.DataPipeline:
 
 
 def _ignore_preemption_signals(worker_id: int) -> None:
-    """Loader workers ignore SIGTERM/SIGUSR1: torch's launcher signals the trainer's whole process group on
-    preemption, and a killed worker would crash the step the trainer is finishing before its checkpoint."""
+    """Loader workers ignore SIGTERM/SIGUSR1/SIGINT: torch's launcher (and a terminal's Ctrl-C) signals the
+    trainer's whole process group, and a killed worker would crash the step the trainer is finishing before its
+    checkpoint."""
     import signal
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 

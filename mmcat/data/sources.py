@@ -205,3 +205,8 @@ def _scan_label_counts(data_cfg: Any, split: str, labels: List[str]) -> List[int
             except (ValueError, KeyError):
                 pass  # bad labels are counted as bad samples by the loader, not here
     return counts
+
+
+def train_shard_sizes(data_cfg: Any) -> Dict[str, Optional[int]]:
+    """Every train shard with its sample count (None when unknown): what the train stream is made of."""
+    return {shard: src.sizes.get(shard) for src in shard_sources(data_cfg, data_cfg.train_split) for shard in src.shards}

@@ -139,9 +139,14 @@ def check_distributed(accelerator: Accelerator) -> None:
                            f"{accelerator.distributed_type.value} with {accelerator.num_processes} process(es)")
 
 
-def describe(accelerator: Accelerator) -> str:
+def engine_name(accelerator: Accelerator) -> str:
+    """What writes the checkpoint's model/optimizer state (its layout differs per engine)."""
     ds = accelerator.state.deepspeed_plugin
-    engine = f"DeepSpeed ZeRO-{ds.zero_stage}" if ds is not None else accelerator.distributed_type.value
+    return f"DeepSpeed ZeRO-{ds.zero_stage}" if ds is not None else accelerator.distributed_type.value
+
+
+def describe(accelerator: Accelerator) -> str:
+    engine = engine_name(accelerator)
     return (
         f"device={accelerator.device} precision={accelerator.mixed_precision} world_size={accelerator.num_processes} "
         f"engine={engine} backend={getattr(accelerator.state, 'backend', None)}"

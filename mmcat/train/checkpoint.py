@@ -2,6 +2,10 @@
 
 A directory ``checkpoints/step-N/`` exists only once every rank has written its part, so a crash (or a
 ``kill -9``) mid-save leaves at most a ``step-N.tmp`` that resume ignores and the next save replaces.
+
+Each checkpoint also records the run's *fingerprint*: every setting that the data stream or the shape of the saved
+state depends on. Resuming under a different value would silently train on other samples (or crash deep inside
+``load_state``), so it is refused before any work, naming the key and both values.
 """
 from __future__ import annotations
 
@@ -12,11 +16,12 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+FINGERPRINT_FILE = "fingerprint.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -33,6 +38,50 @@ class TrainerState:
     best_step: int = -1
     last_eval_step: int = -1
     evals_without_improvement: int = 0
+    eval_pending: bool = False  # an evaluation is due at this step (it was interrupted, or waits for the window)
+    save_pending: bool = False  # a checkpoint is due at the next optimizer step (epoch end inside a window)
+    stopped_early: bool = False
+
+
+def run_fingerprint(cfg: Any, world_size: int, engine: str, labels: Sequence[str],
+                    train_shards: Dict[str, int]) -> Dict[str, Any]:
+    """What the data stream and the saved state depend on. Everything else (epochs, max_steps, eval/save/log
+    cadence, learning rates, early-stopping patience, output paths) may change on resume."""
+    m = cfg.model
+    return {
+        "world_size": world_size, "engine": engine, "seed": int(cfg.seed),
+        "train.batch_size": int(cfg.train.batch_size), "train.grad_accum": int(cfg.train.grad_accum),
+        "train.precision": str(cfg.train.precision),
+        "data.num_workers": int(cfg.data.num_workers), "data.shuffle_buffer": int(cfg.data.shuffle_buffer),
+        "data.resampled": bool(cfg.data.resampled), "data.samples_per_epoch": cfg.data.samples_per_epoch,
+        "model.image.name": str(m.image.name), "model.text.name": str(m.text.name),
+        "model.text.pooling": str(m.text.pooling), "model.fusion": str(m.fusion), "model.hidden_dim": int(m.hidden_dim),
+        "labels": list(labels), "train_shards": dict(sorted(train_shards.items())),
+    }
+
+
+def check_fingerprint(saved: Optional[Dict[str, Any]], current: Dict[str, Any], where: Path) -> None:
+    """Raise a one-line ConfigError naming the first setting that differs from the checkpoint's."""
+    from mmcat.config import ConfigError
+
+    if saved is None:
+        log.warning("%s has no %s (written by an older mmcat): resume settings are not checked", where,
+                    FINGERPRINT_FILE)
+        return
+    for key, now in current.items():
+        before = saved.get(key)
+        if before != now:
+            raise ConfigError(f"cannot resume from {where}: '{key}' was {_short(before)} and is now {_short(now)}; "
+                              f"resume with the same value, or start a new run (new output_dir)")
+
+
+def _short(value: Any) -> str:
+    """Label and shard lists can be long: show their size and first difference-worthy items."""
+    if isinstance(value, dict):
+        return f"{len(value)} shards ({sum(v or 0 for v in value.values())} samples)"
+    if isinstance(value, list) and len(value) > 6:
+        return f"{len(value)} labels [{', '.join(map(str, value[:3]))}, ...]"
+    return repr(value)
 
 
 def list_checkpoints(ckpt_root: Path) -> List[Path]:
@@ -44,21 +93,47 @@ def list_checkpoints(ckpt_root: Path) -> List[Path]:
 
 
 def resolve_resume(resume: str, ckpt_root: Path) -> Optional[Path]:
-    """``none`` -> None; ``latest`` -> newest complete checkpoint (None when there is none yet); else a path."""
+    """``none`` -> None; ``latest`` -> newest complete checkpoint (None when there is none yet); else a path.
+    A fresh run (``none``) over the checkpoints of an earlier run is refused: it would mix two runs' files."""
+    from mmcat.config import ConfigError
+
     if resume in ("", "none", None):
+        if list_checkpoints(ckpt_root):
+            raise ConfigError(f"output_dir {ckpt_root.parent} holds checkpoints of an earlier run: set "
+                              f"train.resume=latest to continue it, or choose a new output_dir")
         return None
     if resume == "latest":
         found = list_checkpoints(ckpt_root)
         return found[-1] if found else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        from mmcat.config import ConfigError
-
         raise ConfigError(f"config key 'train.resume': {path} is not a checkpoint (no {STATE_FILE})")
     return path
 
 
-def save_checkpoint(accelerator, ckpt_root: Path, state: TrainerState, keep: int) -> Path:
+def decide_resume(accelerator, resume: str, ckpt_root: Path) -> Optional[Path]:
+    """Resolve ``train.resume`` on rank 0 only and broadcast the answer (or its error): a shared filesystem can
+    list a directory differently on each node, and ranks that resumed from different steps would silently diverge."""
+    from accelerate.utils import broadcast_object_list
+
+    from mmcat.config import ConfigError
+
+    answer: List[Any] = [None, None]
+    if accelerator.is_main_process:
+        try:
+            found = resolve_resume(resume, ckpt_root)
+            answer = [None if found is None else str(found), None]
+        except ConfigError as exc:
+            answer = [None, str(exc)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(answer, from_process=0)
+    if answer[1] is not None:
+        raise ConfigError(answer[1])
+    return None if answer[0] is None else Path(answer[0])
+
+
+def save_checkpoint(accelerator, ckpt_root: Path, state: TrainerState, keep: int,
+                    fingerprint: Dict[str, Any]) -> Path:
     """Save on every rank (accelerate and DeepSpeed write per-rank files), then publish atomically on rank 0."""
     final = ckpt_root / f"step-{state.global_step}"
     tmp = ckpt_root / f"step-{state.global_step}.tmp"
@@ -70,6 +145,7 @@ def save_checkpoint(accelerator, ckpt_root: Path, state: TrainerState, keep: int
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+        (tmp / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=1))
         if final.exists():  # re-saving the same step after a resume: replace
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -78,6 +154,27 @@ def save_checkpoint(accelerator, ckpt_root: Path, state: TrainerState, keep: int
         log.info("checkpoint saved: %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def weights_sha256(state_dict: Optional[Dict[str, Any]]) -> Optional[str]:
+    """One hash of every weight's bytes (fp32, in key order): proves two runs ended bit-identical. Under ZeRO-3
+    only rank 0 holds the gathered weights (None elsewhere)."""
+    import hashlib
+
+    import torch
+
+    if not state_dict:
+        return None
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        digest.update(key.encode())
+        digest.update(state_dict[key].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_fingerprint(path: Path) -> Optional[Dict[str, Any]]:
+    file = path / FINGERPRINT_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def load_checkpoint(accelerator, path: Path) -> TrainerState:

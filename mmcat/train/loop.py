@@ -12,13 +12,14 @@ import torch
 from accelerate.utils import send_to_device, set_seed
 from tqdm.auto import tqdm
 
-from mmcat.config import ConfigError, to_container, to_yaml
+from mmcat.config import to_container, to_yaml
 from mmcat.data import iterate_batches
+from mmcat.data.loader import stable_seed
 from mmcat.evaluation import dummy_batch, evaluate, forward_batch
-from mmcat.metrics import confusion_image, format_table, summary
-from mmcat.train.accel import build_accelerator, describe, whole_model_init
-from mmcat.train.checkpoint import (TrainerState, list_checkpoints, load_checkpoint, resolve_resume,
-                                   save_checkpoint)
+from mmcat.metrics import MODES, confusion_image, format_table, summary
+from mmcat.train.accel import build_accelerator, describe, engine_name, whole_model_init
+from mmcat.train.checkpoint import (TrainerState, check_fingerprint, decide_resume, load_checkpoint,
+                                   read_fingerprint, run_fingerprint, save_checkpoint, weights_sha256)
 from mmcat.train.optim import build_loss, build_optimizer, build_scheduler, total_optimizer_steps
 from mmcat.train.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
 
@@ -65,11 +66,28 @@ class _Meter:
         return rate, wait
 
 
+def seed_step_rng(seed: int, rank: int, epoch: int, batch_in_epoch: int) -> None:
+    """Seed the random numbers one micro-batch draws (dropout, modality dropout) from its position alone: a
+    resumed run draws what the uninterrupted run drew, and each rank draws its own masks."""
+    torch.manual_seed(stable_seed(seed, "step", rank, epoch, batch_in_epoch))
+
+
+# what a stretch of training ended with: keep going (None), the run is complete, or a stop was asked for
+DONE, STOPPED = "done", "stopped"
+
+
 class Trainer:
-    """Holds the prepared objects and the position; `run()` returns the process exit code."""
+    """Building (``__init__``: accelerator, resume decision, loaders, model, optimizer) is separate from running
+    (``run``: the step loop, evaluation/export, checkpoints, logging). ``run()`` returns the process exit code.
+
+    Every decision (log, evaluate, checkpoint, stop) is taken at an optimizer-step boundary, so a checkpoint never
+    holds a half-accumulated gradient window. Randomness inside a step (dropout, modality dropout) is seeded from
+    (seed, rank, epoch, batch): ranks draw different masks, and a resumed run draws exactly the numbers that the
+    uninterrupted run drew, whatever else consumed random numbers in between (loader start-up, evaluation).
+    """
 
     def __init__(self, cfg: Any) -> None:
-        from mmcat.data import build_train_loader, label_counts, read_labels
+        from mmcat.data import build_train_loader, label_counts, read_labels, train_shard_sizes
         from mmcat.models import build_model
         from mmcat.models.text import load_tokenizer
 
@@ -79,15 +97,17 @@ class Trainer:
         set_seed(cfg.seed, device_specific=False)  # same init on every rank; DDP/DeepSpeed also broadcast it
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        if cfg.train.resume in ("none", "") and list_checkpoints(self.ckpt_root):
-            raise ConfigError(f"output_dir {self.out} holds checkpoints of an earlier run: set train.resume=latest "
-                              f"to continue it, or choose a new output_dir")
+        self.resume_from = decide_resume(acc, cfg.train.resume, self.ckpt_root)
+        self.labels = read_labels(cfg.data)
+        self.fingerprint = run_fingerprint(cfg, acc.num_processes, engine_name(acc), self.labels,
+                                           train_shard_sizes(cfg.data))
+        if self.resume_from is not None:  # before any work: a changed setting would silently change the run
+            check_fingerprint(read_fingerprint(self.resume_from), self.fingerprint, self.resume_from)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             _write_atomic(self.out / "config.yaml", to_yaml(cfg))
         log.info("mmcat train: %s", describe(acc))
 
-        self.labels = read_labels(cfg.data)
         self.tokenizer = load_tokenizer(cfg.model.text)
         self._build_train_loader = build_train_loader
         probe = build_train_loader(cfg, self.tokenizer, acc.process_index, acc.num_processes, epoch=0)
@@ -111,9 +131,131 @@ class Trainer:
         self.deepspeed = acc.state.deepspeed_plugin is not None
         self.dummy = dummy_batch(self.tokenizer, cfg.data.image_size)
         self.state = TrainerState()
-        # accumulation windows carry across epoch ends (DeepSpeed's semantics), so these outlive an epoch
-        self._pending = torch.zeros(3, dtype=torch.long)
-        self._save_pending = False
+        self.preempt = PreemptionFlag()
+        # sums since the last optimizer step (windows carry across epoch ends, DeepSpeed's semantics):
+        # samples, skipped samples, micro-batches, loss
+        self._window = torch.zeros(4, dtype=torch.float64)
+        self._steps_this_run = 0
+        self._saved_step = -1
+
+    # ---------------------------------------------------------------------------------------------- running
+    def run(self) -> int:
+        acc = self.accelerator
+        if self.resume_from is not None:
+            self.state = load_checkpoint(acc, self.resume_from)
+        acc.init_trackers("mmcat", config=_flat_hparams(self.cfg))
+        self.preempt.install()
+        self.meter = _Meter(self.state.samples_seen)
+        self.bar = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not acc.is_main_process,
+                        desc="train", dynamic_ncols=True)
+        try:
+            outcome = self._train()
+            if outcome == DONE:
+                outcome = self._finish()
+            return 0 if outcome == DONE else self._exit_for_stop()
+        finally:
+            self.preempt.uninstall()
+            self.bar.close()
+            acc.end_training()
+
+    def _train(self) -> str:
+        """Epochs until the last optimizer step (or early stopping), then the final evaluation and checkpoint."""
+        st, t = self.state, self.cfg.train
+        outcome = self._at_boundary(done=st.global_step >= self.total_steps)  # a resumed pending evaluation
+        while outcome is None:
+            outcome = DONE if st.epoch >= t.epochs else self._run_epoch()
+        if outcome == STOPPED:
+            return outcome
+        st.eval_pending = st.last_eval_step != st.global_step
+        st.save_pending = True
+        return self._at_boundary(done=True)
+
+    def _run_epoch(self) -> Optional[str]:
+        cfg, acc, st = self.cfg, self.accelerator, self.state  # st.epoch advances in the last _train_step
+        info = self._build_train_loader(cfg, self.tokenizer, acc.process_index, acc.num_processes,
+                                        epoch=st.epoch, skip_batches=st.batch_in_epoch)
+        self._record_data_plan(info)
+        with iterate_batches(info.loader) as batches:
+            fetch_start = time.perf_counter()
+            for batch in batches:
+                self.meter.wait += time.perf_counter() - fetch_start
+                outcome = self._train_step(batch)
+                if outcome is not None:
+                    return outcome
+                fetch_start = time.perf_counter()
+        return None
+
+    def _train_step(self, batch: Dict[str, Any]) -> Optional[str]:
+        """One micro-batch: forward, loss, backward, and on the window's last micro-batch the optimizer step."""
+        acc, st, t = self.accelerator, self.state, self.cfg.train
+        batch = send_to_device(batch, acc.device, non_blocking=True)
+        seed_step_rng(self.cfg.seed, acc.process_index, st.epoch, st.batch_in_epoch)
+        grad_norm = None
+        with acc.accumulate(self.model):
+            logits = forward_batch(self.model, batch, "fused")
+            loss = self.loss_fn(logits.float(), batch["labels"])
+            acc.backward(loss)
+            if acc.sync_gradients:  # DeepSpeed clips itself and only reports the norm
+                grad_norm = acc.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm or float("inf"))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        st.batch_in_epoch += 1
+        if st.batch_in_epoch == self.batches_per_epoch:
+            # the epoch ends with this micro-batch: its evaluation and checkpoint come at this optimizer step, or at
+            # the next one when the epoch ends inside an accumulation window
+            st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+            st.eval_pending |= t.eval_every == 0
+            st.save_pending |= t.save_every == 0
+        self._window += torch.tensor([batch["labels"].shape[0], int(batch.get("skipped", 0)), 1, loss.item()],
+                                     dtype=torch.float64)
+        return self._after_optimizer_step(grad_norm) if acc.sync_gradients else None
+
+    def _after_optimizer_step(self, grad_norm: Any) -> Optional[str]:
+        acc, st, t = self.accelerator, self.state, self.cfg.train
+        # one small collective per optimizer step: exact global counts, the window's mean loss over all ranks,
+        # and whether any rank was asked to stop (all ranks stop together)
+        local = torch.cat([self._window, torch.tensor([float(self.preempt.requested)], dtype=torch.float64)])
+        samples, skipped, micro, loss_sum, stop_votes = acc.reduce(local.to(acc.device), "sum").tolist()
+        self._window.zero_()
+        st.samples_seen += int(samples)
+        st.skipped_samples += int(skipped)
+        if not acc.optimizer_step_was_skipped:  # fp16 overflow: no update, so no schedule step either
+            self.scheduler.step()
+            st.global_step += 1
+            self._steps_this_run += 1
+            self.bar.update(1)
+            st.eval_pending |= t.eval_every > 0 and st.global_step % t.eval_every == 0
+            st.save_pending |= t.save_every > 0 and st.global_step % t.save_every == 0
+        done = st.global_step >= self.total_steps
+        budget_spent = not done and 0 < t.stop_after_steps <= self._steps_this_run
+        self._log_step(loss_sum / max(micro, 1), grad_norm, force=done or budget_spent or stop_votes > 0)
+        if stop_votes > 0 or budget_spent:
+            return STOPPED  # pending evaluation/checkpoint flags travel in the checkpoint
+        return self._at_boundary(done)
+
+    def _at_boundary(self, done: bool) -> Optional[str]:
+        """Pending evaluation/export and checkpoint at an optimizer-step boundary; DONE when training is over."""
+        st = self.state
+        if st.eval_pending and st.last_eval_step != st.global_step:
+            if self._eval_and_export() == STOPPED:
+                return STOPPED
+        st.eval_pending = False
+        if st.save_pending:
+            self._save()
+        return DONE if done or st.stopped_early else None
+
+    def _exit_for_stop(self) -> int:
+        """A stop was asked for (signal or ``train.stop_after_steps``): checkpoint at this boundary and exit."""
+        st = self.state
+        if self._saved_step != st.global_step:
+            self._save()
+        code = self.preempt.exit_code if self.preempt.requested else REQUEUE_EXIT_CODE
+        reason = self.preempt.describe() if self.preempt.requested else "train.stop_after_steps"
+        if self.accelerator.is_main_process:
+            hint = "continue with train.resume=latest" if code != REQUEUE_EXIT_CODE else "exiting for requeue"
+            log.warning("stopped (%s) at step %d: checkpoint saved in %s; %s (exit %d)", reason, st.global_step,
+                        self.ckpt_root / f"step-{st.global_step}", hint, code)
+        return code
 
     # ------------------------------------------------------------------------------------------ evaluation
     def _eval_batches(self, split: str):
@@ -123,34 +265,37 @@ class Trainer:
         return build_eval_loader(self.cfg.data, split, self.tokenizer, self.cfg.train.batch_size,
                                  self.cfg.data.num_workers, rank=acc.process_index, world_size=acc.num_processes)
 
-    def evaluate_split(self, split: str, model: Optional[torch.nn.Module] = None) -> Dict[str, Dict]:
-        return evaluate(model or self.model, self._eval_batches(split), self.accelerator, self.labels, self.dummy)
+    def evaluate_split(self, split: str, model: Optional[torch.nn.Module] = None) -> Optional[Dict[str, Dict]]:
+        """Metrics of ``split``; None when a stop was asked for during the evaluation."""
+        return evaluate(model or self.model, self._eval_batches(split), self.accelerator, self.labels, self.dummy,
+                        stop_requested=lambda: self.preempt.requested)
 
-    def _eval_and_export(self) -> bool:
-        """Validate; export ``best/`` when val macro-F1 improves. Returns True when early stopping says stop."""
+    def _eval_and_export(self) -> Optional[str]:
+        """Validate; export ``best/`` when val macro-F1 improves; decide early stopping."""
         acc, st = self.accelerator, self.state
         res = self.evaluate_split(self.cfg.data.val_split)
+        if res is None:
+            return STOPPED
         st.last_eval_step = st.global_step
         fused = res["fused"]
-        acc.log({f"val/{m}/{k}": res[m][k] for m in ("fused", "image_only", "text_only")
-                 for k in ("accuracy", "macro_f1", "weighted_f1")}, step=st.global_step)
+        acc.log({f"val/{m}/{k}": res[m][k] for m in MODES for k in ("accuracy", "macro_f1", "weighted_f1")},
+                step=st.global_step)
         if acc.is_main_process:
-            log.info("step %d val: %s", st.global_step, {m: round(res[m]["macro_f1"], 4)
-                                                          for m in ("fused", "image_only", "text_only")})
+            log.info("step %d val: %s", st.global_step, {m: round(res[m]["macro_f1"], 4) for m in MODES})
             tb = acc.get_tracker("tensorboard", unwrap=True)
             tb.add_image("val/confusion_matrix", confusion_image(fused["confusion_matrix"]), st.global_step,
                          dataformats="HWC")
         if fused["macro_f1"] > st.best_metric:
             st.best_metric, st.best_step, st.evals_without_improvement = fused["macro_f1"], st.global_step, 0
-            self._export_best({m: summary(res[m]) for m in ("fused", "image_only", "text_only")})
+            self._export_best({m: summary(res[m]) for m in MODES})
         else:
             st.evals_without_improvement += 1
         patience = self.cfg.train.early_stopping_patience
         if patience > 0 and st.evals_without_improvement >= patience:
             log.info("early stopping at step %d: no val macro-F1 gain in %d evaluations (best %.4f at step %d)",
                      st.global_step, patience, st.best_metric, st.best_step)
-            return True
-        return False
+            st.stopped_early = True
+        return None
 
     def _export_best(self, val_metrics: Dict) -> None:
         from mmcat.artifact import export_artifact
@@ -164,48 +309,12 @@ class Trainer:
         acc.wait_for_everyone()
 
     def _save(self) -> None:
-        self._save_pending = False
-        save_checkpoint(self.accelerator, self.ckpt_root, self.state, self.cfg.train.keep_checkpoints)
+        self.state.save_pending = False
+        save_checkpoint(self.accelerator, self.ckpt_root, self.state, self.cfg.train.keep_checkpoints,
+                        self.fingerprint)
+        self._saved_step = self.state.global_step
 
-    # ---------------------------------------------------------------------------------------------- train
-    def run(self) -> int:
-        cfg, acc, t = self.cfg, self.accelerator, self.cfg.train
-        resume_from = resolve_resume(t.resume, self.ckpt_root)
-        if resume_from is not None:
-            self.state = load_checkpoint(acc, resume_from)
-        st = self.state
-        acc.init_trackers("mmcat", config=_flat_hparams(cfg))
-        preempt = PreemptionFlag().install()
-        self.meter = _Meter(st.samples_seen)
-        self.bar = tqdm(total=self.total_steps, initial=st.global_step, disable=not acc.is_main_process,
-                        desc="train", dynamic_ncols=True)
-        try:
-            stop = st.global_step >= self.total_steps
-            while not stop and st.epoch < t.epochs:
-                stop, preempted = self._run_epoch(preempt)
-                if preempted:
-                    self._save()
-                    log.warning("preempted at step %d: checkpoint saved, exiting %d for requeue",
-                                st.global_step, REQUEUE_EXIT_CODE)
-                    return REQUEUE_EXIT_CODE
-            if st.last_eval_step != st.global_step:
-                self._eval_and_export()
-            self._save()
-            return self._finish()
-        finally:
-            preempt.uninstall()
-            self.bar.close()
-            acc.end_training()
-
-    def _run_epoch(self, preempt: PreemptionFlag) -> Tuple[bool, bool]:
-        """Train from the current position to the end of the epoch. Returns (stop, preempted)."""
-        cfg, acc, st = self.cfg, self.accelerator, self.state
-        info = self._build_train_loader(cfg, self.tokenizer, acc.process_index, acc.num_processes,
-                                        epoch=st.epoch, skip_batches=st.batch_in_epoch)
-        self._record_data_plan(info)
-        with iterate_batches(info.loader) as batches:
-            return self._train_batches(batches, preempt)
-
+    # --------------------------------------------------------------------------------------------- logging
     def _record_data_plan(self, info) -> None:
         """RUN_DIR/data_plan/epoch-E-rank-R.json: which shards each rank read, for auditing distributed runs."""
         acc, st = self.accelerator, self.state
@@ -217,66 +326,22 @@ class Trainer:
                 "resampled": info.rank_shards is None}
         _write_atomic(plan_dir / f"epoch-{st.epoch}-rank-{acc.process_index}.json", json.dumps(plan, indent=1))
 
-    def _train_batches(self, batches, preempt: PreemptionFlag) -> Tuple[bool, bool]:
-        acc, st, t = self.accelerator, self.state, self.cfg.train
-        local = self._pending  # samples, skipped samples, preemption requested — since the last optimizer step
-        fetch_start = time.perf_counter()
-        for batch in batches:
-            self.meter.wait += time.perf_counter() - fetch_start
-            batch = send_to_device(batch, acc.device, non_blocking=True)
-            with acc.accumulate(self.model):
-                logits = forward_batch(self.model, batch, "fused")
-                loss = self.loss_fn(logits.float(), batch["labels"])
-                acc.backward(loss)
-                if acc.sync_gradients and not self.deepspeed and t.clip_grad_norm > 0:
-                    acc.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)  # DeepSpeed clips itself
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            st.batch_in_epoch += 1
-            local[0] += batch["labels"].shape[0]
-            local[1] += int(batch.get("skipped", 0))
-            if acc.sync_gradients:
-                local[2] = int(preempt.requested)
-                # one small collective per optimizer step: exact global counts, and all ranks stop together
-                totals = acc.reduce(local.to(acc.device), "sum").tolist()
-                local.zero_()
-                self.scheduler.step()
-                st.global_step += 1
-                st.samples_seen += totals[0]
-                st.skipped_samples += totals[1]
-                self.bar.update(1)
-                if totals[2] > 0:
-                    return True, True
-                self._log_step(loss)
-                stop = st.global_step >= self.total_steps
-                if t.eval_every > 0 and st.global_step % t.eval_every == 0:
-                    stop = self._eval_and_export() or stop
-                if self._save_pending or (t.save_every > 0 and st.global_step % t.save_every == 0):
-                    self._save()
-                if stop:
-                    return True, False
-            fetch_start = time.perf_counter()
-        st.epoch, st.batch_in_epoch = st.epoch + 1, 0
-        stop = t.eval_every == 0 and self._eval_and_export()
-        if t.save_every == 0:
-            # a checkpoint holds no half-accumulated gradients: mid-window, save at the next optimizer step
-            self._save_pending = not acc.sync_gradients
-            if acc.sync_gradients:
-                self._save()
-        return stop, False
-
-    def _log_step(self, loss: torch.Tensor) -> None:
+    def _log_step(self, loss: float, grad_norm: Any, force: bool) -> None:
+        """``train/loss`` is the mean over the accumulation window and all ranks; the last step is always logged."""
         st, t = self.state, self.cfg.train
-        if st.global_step % t.log_every and st.global_step != 1:
+        if not force and st.global_step % t.log_every and st.global_step != 1:
             return
         rate, wait_fraction = self.meter.read(st.samples_seen)
-        logs = {"train/loss": loss.item(), "train/samples_per_s": rate, "train/data_wait_fraction": wait_fraction,
+        logs = {"train/loss": loss, "train/samples_per_s": rate, "train/data_wait_fraction": wait_fraction,
                 "train/epoch": st.epoch, "train/skipped_samples": st.skipped_samples}
+        if grad_norm is not None:
+            logs["train/grad_norm"] = float(grad_norm)
         logs.update({f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)})
         self.accelerator.log(logs, step=st.global_step)
-        self.bar.set_postfix(loss=f"{logs['train/loss']:.3f}", sps=f"{rate:.1f}", wait=f"{wait_fraction:.2f}")
+        self.bar.set_postfix(loss=f"{loss:.3f}", sps=f"{rate:.1f}", wait=f"{wait_fraction:.2f}")
 
-    def _finish(self) -> int:
+    # ---------------------------------------------------------------------------------------------- finish
+    def _finish(self) -> str:
         """Final metrics of the exported artifact itself (what gets deployed), on val and test."""
         from mmcat.artifact import load_artifact
 
@@ -287,16 +352,19 @@ class Trainer:
         results: Dict[str, Any] = {}
         for split in (self.cfg.data.val_split, self.cfg.data.test_split):
             res = self.evaluate_split(split, model=art.model)
-            results[split] = {m: summary(res[m]) for m in ("fused", "image_only", "text_only")}
+            if res is None:
+                return STOPPED  # the final checkpoint exists: a resumed run only repeats these evaluations
+            results[split] = {m: summary(res[m]) for m in MODES}
             if acc.is_main_process:
                 print(format_table(res, title=f"[{split}] best model (step {st.best_step})"), flush=True)
         results.update(global_step=st.global_step, samples_seen=st.samples_seen, best_step=st.best_step,
-                       skipped_samples=st.skipped_samples, world_size=acc.num_processes)
+                       skipped_samples=st.skipped_samples, world_size=acc.num_processes,
+                       final_weights_sha256=weights_sha256(acc.get_state_dict(self.model)))
         if acc.is_main_process:
             _write_atomic(self.out / "metrics.json", json.dumps(results, indent=2))
             log.info("done: %d steps, %d samples, metrics in %s", st.global_step, st.samples_seen,
                      self.out / "metrics.json")
-        return 0
+        return DONE
 
 
 def train(cfg: Any) -> int:

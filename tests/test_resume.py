@@ -1,0 +1,173 @@
+"""Exact resume, tested on content: a run stopped at optimizer-step boundaries (mid-epoch, at an epoch end, inside
+an accumulation window that spans an epoch end, by Ctrl-C) and resumed must log the same loss at every step and end
+with bit-identical weights as the uninterrupted run; changed settings are refused before any work."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train_helpers import (ROOT, child_env, metrics, mmcat_cmd, run, tb_scalars, torchrun_cmd, train_until_done,
+                           write_config)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_text(tmp_path_factory) -> str:
+    from mmcat.models.tiny import make_tiny_text_model
+
+    return make_tiny_text_model(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_packed_dataset, tiny_text, tmp_path_factory) -> Path:
+    """2 epochs of 6 batches: 12 optimizer steps, evaluated and checkpointed at each epoch end."""
+    work = tmp_path_factory.mktemp("uninterrupted")
+    cfg = write_config(work / "train.yaml", tiny_text, tiny_packed_dataset, work / "run")
+    run(mmcat_cmd("train", "--config", str(cfg)))
+    return work / "run"
+
+
+def assert_same_run(resumed: Path, reference: Path) -> None:
+    got, want = tb_scalars(resumed), tb_scalars(reference)
+    assert sorted(got) == list(range(1, metrics(reference)["global_step"] + 1))  # every step logged, once
+    assert got == want  # bit-identical losses (each the mean over the accumulation window and the ranks)
+    for key in ("global_step", "samples_seen", "best_step", "final_weights_sha256"):
+        assert metrics(resumed)[key] == metrics(reference)[key], key
+    assert tb_scalars(resumed, "val/fused/macro_f1") == tb_scalars(reference, "val/fused/macro_f1")
+
+
+def test_stopped_every_3_steps_then_resumed_is_bit_identical(uninterrupted, tiny_packed_dataset, tiny_text, tmp_path):
+    """Stops at steps 3 (mid-epoch), 6 (the epoch's last step, before its evaluation and checkpoint) and 9."""
+    cfg = write_config(tmp_path / "train.yaml", tiny_text, tiny_packed_dataset, tmp_path / "run",
+                       train__resume="latest", train__stop_after_steps=3)
+    codes = train_until_done(mmcat_cmd("train", "--config", str(cfg)))
+    assert codes == [75, 75, 75, 0]
+    states = {p.name: json.loads((p / "trainer_state.json").read_text())
+              for p in (tmp_path / "run" / "checkpoints").iterdir()}
+    assert set(states) == {"step-9", "step-12"}  # keep_checkpoints=2
+    assert_same_run(tmp_path / "run", uninterrupted)
+
+
+def test_resume_with_changed_settings_is_refused_before_work(uninterrupted, tiny_packed_dataset, tiny_text, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path / "train.yaml", tiny_text, tiny_packed_dataset, run_dir, train__resume="latest",
+                       train__stop_after_steps=2)
+    assert run(mmcat_cmd("train", "--config", str(cfg)), check=False).returncode == 75
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    for override, key, old, new in (("train.batch_size=8", "train.batch_size", "16", "8"),
+                                    ("model.fusion=late", "model.fusion", "'gated'", "'late'"),
+                                    ("data.num_workers=0", "data.num_workers", "1", "0")):
+        proc = run(mmcat_cmd("train", "--config", str(cfg), override), check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and len([ln for ln in lines if "error" in ln]) == 1, proc.stderr
+        assert f"'{key}' was {old} and is now {new}" in lines[-1], lines[-1]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before  # nothing was touched
+    # what may change: more epochs continue the same run
+    run(mmcat_cmd("train", "--config", str(cfg), "train.stop_after_steps=0", "train.epochs=3"))
+    assert metrics(run_dir)["global_step"] == 18
+
+
+def test_ctrl_c_checkpoints_at_the_step_and_resumes_exactly(uninterrupted, tiny_packed_dataset, tiny_text, tmp_path):
+    """Ctrl-C reaches the whole foreground process group (loader workers too): one line, exit 130, a checkpoint."""
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path / "train.yaml", tiny_text, tiny_packed_dataset, run_dir, train__resume="latest")
+    proc = subprocess.Popen(mmcat_cmd("train", "--config", str(cfg)), cwd=ROOT, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not list((run_dir / "tensorboard").rglob("events.out.tfevents.*")) or not tb_scalars(run_dir):
+        assert proc.poll() is None and time.time() < deadline, "training ended before its first step"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert "continue with train.resume=latest" in err
+    stopped_at = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
+    assert 1 <= stopped_at < 12
+    run(mmcat_cmd("train", "--config", str(cfg)))
+    assert_same_run(run_dir, uninterrupted)
+
+
+@pytest.fixture(scope="module")
+def uneven_packed(tiny_raw_dataset, tmp_path_factory) -> Path:
+    from mmcat.pack import pack
+
+    from conftest import pack_config
+
+    packed = tmp_path_factory.mktemp("uneven") / "packed"
+    pack(pack_config(tiny_raw_dataset / "products.csv", packed, image_size=64, max_samples_per_shard=14))
+    return packed
+
+
+def test_torchrun_resume_inside_a_window_across_an_epoch_end(uneven_packed, tiny_text, tmp_path):
+    """2 ranks, 7 shards, grad_accum 2, 3 micro-batches per epoch: step 2's window spans the end of epoch 0.
+    Stopped after steps 1 and 2, then resumed to the end: identical to the uninterrupted 2-rank run."""
+    ref = write_config(tmp_path / "ref.yaml", tiny_text, uneven_packed, tmp_path / "ref", train__grad_accum=2,
+                       train__epochs=3)
+    run(torchrun_cmd(2, "train", "--config", str(ref)))
+    cfg = write_config(tmp_path / "stop.yaml", tiny_text, uneven_packed, tmp_path / "run", train__grad_accum=2,
+                       train__epochs=3, train__resume="latest")
+    for _ in range(2):
+        # torchrun reports any failed child as 1; the ranks' own exit code (75: checkpointed, run me again) is in
+        # its error summary
+        proc = run(torchrun_cmd(2, "train", "--config", str(cfg), "train.stop_after_steps=1"), check=False)
+        assert proc.returncode == 1 and re.search(r"exitcode\s*:\s*75", proc.stderr), proc.stderr[-3000:]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 1)  # the window of step 2 crossed the epoch end
+    run(torchrun_cmd(2, "train", "--config", str(cfg)))
+    assert metrics(tmp_path / "ref")["global_step"] == 4
+    assert_same_run(tmp_path / "run", tmp_path / "ref")
+
+
+def test_ranks_draw_different_dropout_masks_and_resume_draws_the_same():
+    """Dropout and modality dropout draw from torch's global generator, which the trainer seeds per micro-batch."""
+    from mmcat.train.loop import seed_step_rng
+
+    def masks(rank: int, batch: int):
+        seed_step_rng(0, rank, epoch=1, batch_in_epoch=batch)
+        drop = torch.nn.functional.dropout(torch.ones(64), p=0.5, training=True)
+        return drop, torch.rand(64)
+
+    r0, r1, r0_again = masks(0, 5), masks(1, 5), masks(0, 5)
+    assert not torch.equal(r0[0], r1[0]) and not torch.equal(r0[1], r1[1])
+    assert torch.equal(r0[0], r0_again[0]) and torch.equal(r0[1], r0_again[1])
+    assert not torch.equal(masks(0, 6)[0], r0[0])
+
+
+def test_evaluation_stops_when_a_stop_is_requested(tiny_packed_dataset, tiny_text):
+    """A preemption during a long validation returns None after the current batch (the trainer checkpoints)."""
+    from accelerate import Accelerator
+
+    from mmcat.config import TrainRunConfig, load_config
+    from mmcat.data import build_eval_loader, read_labels
+    from mmcat.evaluation import dummy_batch, evaluate
+    from mmcat.models import build_model
+    from mmcat.models.text import load_tokenizer
+
+    cfg = load_config(TrainRunConfig, None, [f"data.root={tiny_packed_dataset}", "output_dir=/tmp/unused",
+                                             f"model.text.name={tiny_text}", "model.text.pretrained=false",
+                                             "model.image.name=resnet18", "data.image_size=32"])
+    labels, tok = read_labels(cfg.data), load_tokenizer(cfg.model.text)
+    model, acc = build_model(cfg.model, len(labels)), Accelerator(cpu=True)
+    calls = []
+
+    def stop_after_two() -> bool:
+        calls.append(1)
+        return len(calls) > 2
+
+    loader = build_eval_loader(cfg.data, "val", tok, batch_size=2, num_workers=0)
+    assert evaluate(model, loader, acc, labels, dummy_batch(tok, 32), stop_requested=stop_after_two) is None
+    assert len(calls) == 3 and model.training
+    full = evaluate(model, build_eval_loader(cfg.data, "val", tok, batch_size=2, num_workers=0), acc, labels,
+                    dummy_batch(tok, 32))
+    assert full["fused"]["num_samples"] > 4
