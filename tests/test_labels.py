@@ -96,7 +96,7 @@ def test_labels_from_pack_through_train_and_eval_loaders(packed, tiny_text):
             assert Counter(got.values()) == +Counter(manifest["splits"][split]["label_counts"]), (label_key, split)
             splits[split] = got
         assert train == splits["train"]  # one train epoch holds every train sample
-        assert sorted(k for got in splits.values() for k in got) == sorted(table)  # the splits together hold every row once
+        assert sorted(k for got in splits.values() for k in got) == sorted(table)  # every row in one split
 
 
 def test_eval_per_class_support_equals_manifest_counts(packed, tiny_text, tmp_path):

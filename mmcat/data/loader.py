@@ -6,17 +6,22 @@ Train stream of one rank, built per epoch and fully determined by (seed, epoch, 
    rank (``order[rank::world]``) and by loader worker (``[worker::num_workers]``), so each epoch every rank reads a
    different, disjoint subset and together the ranks read every shard (webdataset's ``shardshuffle`` would shuffle
    after the split and pin each rank to the same subset forever);
-2. each worker reads its shards in a loop (``webdataset.tarfile_samples``), shuffles samples in a buffer seeded
-   from (seed, epoch, rank, worker), checks labels/text, decodes (OpenCV), augments with per-sample seeds, and
-   batches + tokenizes (fast tokenizer, dynamic padding) inside the worker;
-3. every worker yields exactly ``ceil(ceil(N / (B * world)) / workers)`` batches (N from ``sizes.json``; open_clip's
-   rule), looping over its shards when they run short, so all ranks run the same number of steps (no DDP hang).
+2. each worker reads its shards **once** (``webdataset.tarfile_samples``) through a shuffle buffer seeded from
+   (seed, epoch, rank, worker) and drained to the end, so every sample of the split is yielded at least once per
+   epoch; samples are label/text-checked, decoded (OpenCV), augmented with per-sample seeds, and batched +
+   tokenized (fast tokenizer, dynamic padding) inside the worker;
+3. every worker of every rank yields exactly ``Q`` full batches (``worker_quota``: ``ceil(sum of the ceil(S / G)
+   largest shard sizes / B)`` for S shards, G = ranks x workers, batch B; sizes from ``sizes.json``), so all ranks
+   run the same number of steps (no DDP hang) and no worker holds more samples than it yields, in any epoch. After
+   its one pass a worker pads its last batches with further seeded passes over its own shards (each through its
+   own seeded buffer): the epoch's only repeats, ``G * Q * B - N`` in all (plus one per bad sample skipped).
 
 Exact mid-epoch resume (``skip_batches=k``): a DataLoader hands out batch i from worker ``i % W``. The resumed
-loader's worker w plays the part of worker ``(w + k) % W`` of the uninterrupted run (same shards, same seeds), and
-drops that worker's first ``ceil((k - v) / W)`` batches' worth of samples *before* decoding them, so batch 0 of the
-resumed loader is batch k of the full epoch. Skipped samples are only label-checked, not decoded: an image that
-fails to decode inside the skipped range shifts the rest of that worker's epoch by one sample.
+loader's worker w plays the part of worker ``(w + k) % W`` of the uninterrupted run (same shards, same seeds, same
+pass + padding stream), and drops that worker's first ``ceil((k - v) / W)`` batches' worth of samples *before*
+decoding them, so batch 0 of the resumed loader is batch k of the full epoch. Skipped samples are only
+label-checked, not decoded: an image that fails to decode inside the skipped range shifts the rest of that
+worker's epoch by one sample.
 
 Resampled mode (``data.resampled=true``) draws shards with replacement (per-root ``data.weights``) with a seeded
 RNG per (rank, worker); epochs are "virtual" (``data.samples_per_epoch`` or the size tables).
@@ -390,7 +395,7 @@ def build_train_loader(cfg: Any, tokenizer: Any, rank: int, world_size: int, epo
     n = int(data.samples_per_epoch) if data.samples_per_epoch else total_samples(sources)
     if n <= 0:
         raise DataError(f"no samples in split '{data.train_split}' (its size tables or tar headers count 0)")
-    sizes = {s: n for src in sources for s, n in src.sizes.items()}
+    sizes = {shard: size for src in sources for shard, size in src.sizes.items()}
     if data.resampled:
         mode, mine = "resampled", shards
         weights: Optional[List[float]] = _shard_weights(sources)
