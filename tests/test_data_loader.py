@@ -1,11 +1,13 @@
 """Train/eval loaders on real WebDataset shards: masks, equal batches per rank, shuffling, resume, bad samples."""
 from __future__ import annotations
 
+import math
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+import webdataset as wds
 
 from _shards import LABELS, write_img2dataset, write_packed, write_split
 from mmcat.config import TrainRunConfig, load_config
@@ -67,17 +69,52 @@ def test_eval_loader_reads_all_samples_with_modality_masks(tmp_path, tokenizer):
     assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(again, batches))
 
 
-def test_equal_batches_per_rank_with_uneven_shards(tmp_path, tokenizer):
-    write_packed(tmp_path, {"train": [9, 2, 5, 1, 7, 3]})  # 27 samples, very uneven shards
-    cfg = make_cfg(tmp_path)
-    infos = [build_train_loader(cfg, tokenizer, rank=r, world_size=2, epoch=0) for r in range(2)]
-    # ceil(ceil(27 / (4 * 2)) / 2) = 2 batches per worker -> 4 per rank on both ranks
-    assert [i.batches_per_epoch for i in infos] == [4, 4] and infos[0].samples_per_epoch == 27
-    assert infos[0].num_shards == 6
-    for info in infos:
-        batches = list(info.loader)
-        assert len(batches) == len(info.loader) == info.batches_per_epoch
-        assert all(len(b["keys"]) == 4 for b in batches)  # full batches only: same shapes on every rank
+def split_keys(root: Path, split: str) -> list:
+    """The split's sample keys, read with plain webdataset (no mmcat code)."""
+    urls = sorted(str(p) for p in (root / split).glob("*.tar"))
+    return [s["__key__"] for s in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())]
+
+
+def documented_repeats(shard_sizes, batch, ranks, workers):
+    """README "Data pipeline": with G = ranks x workers, every worker yields Q = ceil(sum of the ceil(S / G) largest
+    shards / batch) batches; an epoch yields G x Q x batch samples, so N of them are the split, the rest repeats."""
+    groups = ranks * workers
+    largest = sorted(shard_sizes, reverse=True)[: math.ceil(len(shard_sizes) / groups)]
+    return groups * math.ceil(sum(largest) / batch) * batch - sum(shard_sizes)
+
+
+UNEVEN = [9, 2, 5, 1, 7, 3, 6, 4]  # 37 samples, very uneven shards
+
+
+@pytest.mark.parametrize("ranks, workers", [(1, 1), (1, 2), (2, 1), (2, 2)])
+def test_every_sample_every_epoch_and_resume_mid_epoch(tmp_path, tokenizer, ranks, workers):
+    write_packed(tmp_path, {"train": UNEVEN}, missing_every=5)
+    cfg = make_cfg(tmp_path, "train.batch_size=3", f"data.num_workers={workers}")
+    epoch = []
+    for rank in range(ranks):
+        info = build_train_loader(cfg, tokenizer, rank=rank, world_size=ranks, epoch=1)
+        full = [b["keys"] for b in info.loader]
+        assert len(full) == info.batches_per_epoch == len(info.loader)  # the same on every rank: no DDP hang
+        assert all(len(keys) == 3 for keys in full)  # full batches only: same shapes on every rank
+        skip = info.batches_per_epoch // 2 + 1  # lands on a different loader worker than batch 0
+        resumed = [b["keys"] for b in build_train_loader(cfg, tokenizer, rank=rank, world_size=ranks, epoch=1,
+                                                         skip_batches=skip).loader]
+        assert full[:skip] + resumed == full  # exactly the tail of the uninterrupted epoch, in order
+        epoch += [k for keys in full for k in keys]
+    want = split_keys(tmp_path, "train")
+    assert set(epoch) == set(want) and len(want) == sum(UNEVEN)  # every sample of the split, every epoch
+    assert len(epoch) - len(want) == documented_repeats(UNEVEN, 3, ranks, workers)  # the only repeats: padding
+
+
+def test_stale_size_table_is_not_silent(tmp_path, tokenizer, caplog):
+    write_packed(tmp_path, {"train": [6, 6]})
+    (tmp_path / "train" / "sizes.json").write_text('{"shard-000000.tar": 2, "shard-000001.tar": 6}')
+    cfg = make_cfg(tmp_path, "data.num_workers=0")
+    with caplog.at_level("WARNING"):
+        list(build_train_loader(cfg, tokenizer, rank=0, world_size=1, epoch=0).loader)
+    assert "more samples than the size table says" in caplog.text
+    with pytest.raises(DataError, match="data.samples_per_epoch needs data.resampled=true"):
+        build_train_loader(make_cfg(tmp_path, "data.samples_per_epoch=8"), tokenizer, rank=0, world_size=1, epoch=0)
 
 
 def test_too_few_shards_for_workers_times_ranks_is_a_clear_error(tmp_path, tokenizer):
@@ -151,7 +188,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, tokenizer):
     # in training too: no bad sample reaches a batch and the counts arrive with the batches
     write_split(tmp_path, "train", [5, 4], bad=bad)
     train = list(build_train_loader(make_cfg(tmp_path, "data.num_workers=1"), tokenizer, 0, 1, 0).loader)
-    assert set(keys_of(train)) <= set(good) and sum(b["skipped"] for b in train) >= 3
+    assert set(keys_of(train)) == set(good) and sum(b["skipped"] for b in train) >= 3  # every good sample
 
 
 def test_truncated_tar_is_counted_not_fatal(tmp_path, tokenizer):

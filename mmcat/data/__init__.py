@@ -1,7 +1,12 @@
-"""Data pipeline: packed WebDataset shards -> batches for the model (see ``loader`` for the train-stream rules)."""
+"""Data pipeline: packed WebDataset shards -> batches for the model.
+
+Public API: ``build_train_loader(cfg, tokenizer, rank, world_size, epoch, skip_batches=0) -> LoaderInfo`` (every
+train sample once per epoch plus the documented padding; see ``loader`` for the train-stream rules) and
+``build_eval_loader(data_cfg, split, tokenizer, batch_size, num_workers, rank=0, world_size=1)``.
+"""
 from mmcat.data.loader import LoaderInfo, build_eval_loader, build_train_loader, iterate_batches
 from mmcat.data.samples import BadSampleError
 from mmcat.data.sources import DataError, label_counts, read_labels, split_sizes, train_shard_sizes
 
-__all__ = ["LoaderInfo", "iterate_batches", "build_train_loader", "build_eval_loader", "read_labels", "split_sizes", "label_counts",
-           "DataError", "BadSampleError", "train_shard_sizes"]
+__all__ = ["LoaderInfo", "iterate_batches", "build_train_loader", "build_eval_loader", "read_labels", "split_sizes",
+           "label_counts", "train_shard_sizes", "DataError", "BadSampleError"]

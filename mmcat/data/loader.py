@@ -6,17 +6,22 @@ Train stream of one rank, built per epoch and fully determined by (seed, epoch, 
    rank (``order[rank::world]``) and by loader worker (``[worker::num_workers]``), so each epoch every rank reads a
    different, disjoint subset and together the ranks read every shard (webdataset's ``shardshuffle`` would shuffle
    after the split and pin each rank to the same subset forever);
-2. each worker reads its shards in a loop (``webdataset.tarfile_samples``), shuffles samples in a buffer seeded
-   from (seed, epoch, rank, worker), checks labels/text, decodes (OpenCV), augments with per-sample seeds, and
-   batches + tokenizes (fast tokenizer, dynamic padding) inside the worker;
-3. every worker yields exactly ``ceil(ceil(N / (B * world)) / workers)`` batches (N from ``sizes.json``; open_clip's
-   rule), looping over its shards when they run short, so all ranks run the same number of steps (no DDP hang).
+2. each worker reads its shards **once** (``webdataset.tarfile_samples``) through a shuffle buffer seeded from
+   (seed, epoch, rank, worker) and drained to the end, so every sample of the split is yielded at least once per
+   epoch; samples are label/text-checked, decoded (OpenCV), augmented with per-sample seeds, and batched +
+   tokenized (fast tokenizer, dynamic padding) inside the worker;
+3. every worker of every rank yields exactly ``Q`` full batches (``worker_quota``: ``ceil(sum of the ceil(S / G)
+   largest shard sizes / B)`` for S shards, G = ranks x workers, batch B; sizes from ``sizes.json``), so all ranks
+   run the same number of steps (no DDP hang) and no worker holds more samples than it yields, in any epoch. After
+   its one pass a worker pads its last batches with further seeded passes over its own shards (each through its
+   own seeded buffer): the epoch's only repeats, ``G * Q * B - N`` in all (plus one per bad sample skipped).
 
 Exact mid-epoch resume (``skip_batches=k``): a DataLoader hands out batch i from worker ``i % W``. The resumed
-loader's worker w plays the part of worker ``(w + k) % W`` of the uninterrupted run (same shards, same seeds), and
-drops that worker's first ``ceil((k - v) / W)`` batches' worth of samples *before* decoding them, so batch 0 of the
-resumed loader is batch k of the full epoch. Skipped samples are only label-checked, not decoded: an image that
-fails to decode inside the skipped range shifts the rest of that worker's epoch by one sample.
+loader's worker w plays the part of worker ``(w + k) % W`` of the uninterrupted run (same shards, same seeds, same
+pass + padding stream), and drops that worker's first ``ceil((k - v) / W)`` batches' worth of samples *before*
+decoding them, so batch 0 of the resumed loader is batch k of the full epoch. Skipped samples are only
+label-checked, not decoded: an image that fails to decode inside the skipped range shifts the rest of that
+worker's epoch by one sample.
 
 Resampled mode (``data.resampled=true``) draws shards with replacement (per-root ``data.weights``) with a seeded
 RNG per (rank, worker); epochs are "virtual" (``data.samples_per_epoch`` or the size tables).
@@ -34,7 +39,7 @@ import random
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import count
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -57,6 +62,7 @@ class LoaderInfo:
     num_shards: int
     skip_batches: int = 0  # this loader yields batches_per_epoch - skip_batches batches
     rank_shards: Optional[List[str]] = None  # the shards this rank reads this epoch (None: resampled)
+    repeats: int = 0  # global: samples per epoch beyond one pass (padding to equal batches; 0 when resampled)
 
 
 # --------------------------------------------------------------------------------------------- deterministic plan
@@ -78,8 +84,19 @@ def rank_shards(shards: Sequence[str], seed: int, epoch: int, rank: int, world_s
 
 
 def batches_per_worker(num_samples: int, batch_size: int, world_size: int, num_workers: int) -> int:
+    """Resampled mode: a virtual epoch of ``num_samples`` split evenly over ranks and workers (open_clip's rule)."""
     per_rank = math.ceil(num_samples / (batch_size * world_size))
     return max(1, math.ceil(per_rank / max(1, num_workers)))
+
+
+def worker_quota(shard_sizes: Sequence[int], batch_size: int, groups: int) -> int:
+    """Batches every loader worker of every rank yields per epoch, so that no worker holds more samples than it
+    yields. ``groups`` = ranks x workers; group g reads positions g, g + groups, … of the epoch's shard order, so it
+    holds at most ``ceil(S / groups)`` shards and never more samples than the largest that many shards together.
+    That bound is the same in every epoch (the step schedule and resume positions rely on a fixed epoch length)
+    and tight for packed data, where all shards but the last are full."""
+    most = math.ceil(len(shard_sizes) / groups)
+    return max(1, math.ceil(sum(sorted(shard_sizes, reverse=True)[:most]) / batch_size))
 
 
 def worker_skip(skip_batches: int, virtual_worker: int, num_workers: int) -> int:
@@ -113,6 +130,7 @@ class _Plan:
     batch_size: int
     batches_per_worker: int  # 0 = until the shards are exhausted (eval)
     skip_batches: int = 0
+    sizes: Optional[Dict[str, int]] = None  # shard -> samples from the size tables (train mode)
 
     def virtual_worker(self) -> int:
         worker, n = _worker()
@@ -135,72 +153,99 @@ class _Members:
         return "." in name and name.split(".", 1)[1].lower() in self.wanted
 
 
-class _RawSamples:
-    """Source stage: raw tar samples of this worker's shards (looping in train mode, once in eval mode)."""
+class _Samples:
+    """Source stage: this worker's samples, shuffled and label-checked but not decoded, after the resume skip.
 
-    def __init__(self, plan: _Plan, counter: BadSampleCounter, members: "_Members") -> None:
-        self.plan, self.counter, self.members = plan, counter, members
+    Train mode reads the worker's shards once through the shuffle buffer, drained to the end (pass 0: every sample
+    once), then pads with further seeded passes over the same shards for as long as the limit stage pulls (the
+    padding that gives every worker the same batch count). Eval mode reads its shards once, in order; resampled
+    mode draws shards with replacement forever."""
 
-    def _urls(self, v: int) -> Iterator[str]:
-        p = self.plan
-        if p.mode == "resampled":
-            rng = random.Random(stable_seed(p.base_seed(v), "resample"))
-            while True:
-                yield rng.choices(p.shards, weights=p.shard_weights)[0]
-        mine = p.shards[v::p.num_workers]
-        if p.mode == "eval":  # a rank or worker may have no eval shards: it yields nothing, the evaluator copes
-            yield from mine
-            return
-        if not mine:
-            raise DataError(f"loader worker {v} of rank {p.rank} has no shards")  # guarded earlier, kept for safety
-        for rep in count():  # loop over the worker's shards until it has yielded its batches
-            order = list(mine)
-            if rep:
-                random.Random(stable_seed(p.base_seed(v), "pass", rep)).shuffle(order)
-            yield from order
+    def __init__(self, plan: _Plan, counter: BadSampleCounter, labels: LabelReader, bufsize: int,
+                 members: _Members) -> None:
+        self.plan, self.counter, self.labels, self.bufsize, self.members = plan, counter, labels, bufsize, members
 
     def __call__(self) -> Iterator[Dict[str, Any]]:
-        v = self.plan.virtual_worker()
-        read_since_last_sample, num_urls = 0, max(1, len(self.plan.shards))
-        for url in self._urls(v):
-            got = 0
-            for sample in wds.tarfile_samples(iter([{"url": url}]), handler=self.counter.handler,
-                                              select_files=self.members):
-                got += 1
-                yield sample
-            read_since_last_sample = 0 if got else read_since_last_sample + 1
-            if read_since_last_sample > 2 * num_urls:  # would otherwise loop forever on unreadable shards
-                raise DataError(f"no readable samples in the shards of loader worker {v} (last: {url})")
-
-
-class _ShuffleParseSkip:
-    """Seeded shuffle buffer, cheap checks (label, text), then the resume skip -- all before any image decode."""
-
-    def __init__(self, plan: _Plan, counter: BadSampleCounter, labels: LabelReader, bufsize: int) -> None:
-        self.plan, self.counter, self.labels, self.bufsize = plan, counter, labels, bufsize
-
-    def __call__(self, src: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
         p = self.plan
         v = p.virtual_worker()
-        # a buffer larger than the worker's share of the epoch only makes it read its shards again to fill it
-        bufsize = min(self.bufsize, p.batches_per_worker * p.batch_size)
-        if p.mode != "eval" and bufsize > 1:
-            src = wds.shuffle(bufsize, min(bufsize, 100), seed=stable_seed(p.base_seed(v), "buffer"))(src)
         skip = worker_skip(p.skip_batches, v, p.num_workers) * p.batch_size
         index = 0
-        for raw in src:
-            try:
-                sample = parse_sample(raw, self.labels)
-            except BadSample as exc:
-                self.counter.record(str(exc), f"{raw.get('__key__')} in {raw.get('__url__')}")
-                continue
+        for sample in self._checked(v):
             index += 1
-            if index <= skip:
+            if index <= skip:  # resume: drop what the interrupted run already trained on, before any decode
                 if index == skip:
                     self.counter.take()  # bad samples in the skipped range were reported by the earlier run
                 continue
             sample["seed"] = stable_seed(p.base_seed(v), "sample", index)
             yield sample
+
+    def _checked(self, v: int) -> Iterator[Dict[str, Any]]:
+        p = self.plan
+        if p.mode == "eval":  # a rank or worker may have no eval shards: it yields nothing, the evaluator copes
+            yield from self._parse(self._read(p.shards[v::p.num_workers]))
+        elif p.mode == "resampled":
+            yield from self._parse(self._shuffle(self._read(self._resampled_urls(v), guard=True),
+                                                 p.batches_per_worker * p.batch_size, p.base_seed(v), "buffer"))
+        else:
+            yield from self._epoch(v)
+
+    def _epoch(self, v: int) -> Iterator[Dict[str, Any]]:
+        p = self.plan
+        mine = p.shards[v::p.num_workers]
+        if not mine:
+            raise DataError(f"loader worker {v} of rank {p.rank} has no shards")  # guarded earlier, kept for safety
+        expected = sum((p.sizes or {}).get(s, 0) for s in mine)
+        yield from self._parse(self._shuffle(self._read(mine, expected), expected, p.base_seed(v), "buffer"))
+        for rep in count(1):  # padding: the limit stage stops pulling once the worker's batches are full
+            order = list(mine)
+            random.Random(stable_seed(p.base_seed(v), "pass", rep)).shuffle(order)
+            got = 0
+            for sample in self._parse(self._shuffle(self._read(order), expected, p.base_seed(v), "pad", rep)):
+                got += 1
+                yield sample
+            if not got:
+                raise DataError(f"no usable samples in the shards of loader worker {v} of rank {p.rank} "
+                                f"({', '.join(os.path.basename(s) for s in mine)})")
+
+    def _resampled_urls(self, v: int) -> Iterator[str]:
+        p = self.plan
+        rng = random.Random(stable_seed(p.base_seed(v), "resample"))
+        while True:
+            yield rng.choices(p.shards, weights=p.shard_weights)[0]
+
+    def _read(self, urls: Iterable[str], expected: int = 0, guard: bool = False) -> Iterator[Dict[str, Any]]:
+        """Raw tar samples of ``urls``. ``expected`` (pass 0) warns when the shards hold more samples than the
+        size tables say: the epoch's batch count comes from those tables, so the surplus may not fit into it."""
+        read, empty_in_a_row = 0, 0
+        for url in urls:
+            got = 0
+            for sample in wds.tarfile_samples(iter([{"url": url}]), handler=self.counter.handler,
+                                              select_files=self.members):
+                got += 1
+                yield sample
+            read += got
+            empty_in_a_row = 0 if got else empty_in_a_row + 1
+            if guard and empty_in_a_row > 2 * max(1, len(self.plan.shards)):  # would loop forever
+                raise DataError(f"no readable samples in the shards of rank {self.plan.rank} (last: {url})")
+        if expected and read > expected:
+            log.warning("the shards of a loader worker of rank %d hold more samples than the size table says "
+                        "(%d > %d; sizes.json is stale?): samples past the epoch's batches are not trained on",
+                        self.plan.rank, read, expected)
+
+    def _shuffle(self, src: Iterator[Dict[str, Any]], samples: int, *seed: Any) -> Iterator[Dict[str, Any]]:
+        """Seeded buffer shuffle, drained to the end of ``src``; no larger than the samples it will hold."""
+        bufsize = min(self.bufsize, samples) if samples > 0 else self.bufsize  # 0: size unknown
+        if bufsize <= 1:
+            return src
+        return wds.shuffle(bufsize, min(bufsize, 100), seed=stable_seed(*seed))(src)
+
+    def _parse(self, src: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+        """Cheap checks (label, text) before any image decode; bad samples are counted and skipped."""
+        for raw in src:
+            try:
+                yield parse_sample(raw, self.labels)
+            except BadSample as exc:
+                self.counter.record(str(exc), f"{raw.get('__key__')} in {raw.get('__url__')}")
 
 
 class _DecodeAugment:
@@ -287,8 +332,7 @@ def _pipeline(plan: _Plan, data_cfg: Any, tokenizer: Any) -> wds.DataPipeline:
     labels = LabelReader(str(data_cfg.label_key), read_labels(data_cfg))
     size = int(data_cfg.image_size)
     stages = [
-        _RawSamples(plan, counter, _Members(str(data_cfg.label_key))),
-        _ShuffleParseSkip(plan, counter, labels, int(data_cfg.shuffle_buffer)),
+        _Samples(plan, counter, labels, int(data_cfg.shuffle_buffer), _Members(str(data_cfg.label_key))),
         _DecodeAugment(counter, size, train, float(data_cfg.min_crop_scale)),
         wds.batched(plan.batch_size, collation_fn=_Collate(tokenizer, int(data_cfg.max_text_length), size, counter,
                                                             normalize=not _uint8_pixels(data_cfg)),
@@ -346,12 +390,17 @@ def build_train_loader(cfg: Any, tokenizer: Any, rank: int, world_size: int, epo
     workers = max(1, num_workers)
     sources = shard_sources(data, data.train_split)
     shards = all_shards(sources)
+    if data.samples_per_epoch and not data.resampled:
+        raise DataError("data.samples_per_epoch needs data.resampled=true (without it an epoch is one full pass "
+                        "over the train split)")
     n = int(data.samples_per_epoch) if data.samples_per_epoch else total_samples(sources)
     if n <= 0:
-        raise DataError(f"no samples in split '{data.train_split}' (size tables are empty); set data.samples_per_epoch")
+        raise DataError(f"no samples in split '{data.train_split}' (its size tables or tar headers count 0)")
+    sizes = {shard: size for src in sources for shard, size in src.sizes.items()}
     if data.resampled:
         mode, mine = "resampled", shards
         weights: Optional[List[float]] = _shard_weights(sources)
+        per_worker = batches_per_worker(n, batch_size, world_size, workers)
     else:
         if data.weights is not None:
             raise DataError("data.weights needs data.resampled=true (weights pick roots when sampling shards)")
@@ -361,16 +410,17 @@ def build_train_loader(cfg: Any, tokenizer: Any, rank: int, world_size: int, epo
                 f"{workers * world_size}: repack with smaller shards (pack max_samples_per_shard), lower "
                 f"data.num_workers, or set data.resampled=true")
         mode, mine, weights = "train", rank_shards(shards, int(cfg.seed), epoch, rank, world_size), None
-    per_worker = batches_per_worker(n, batch_size, world_size, workers)
+        per_worker = worker_quota([sizes.get(s, 0) for s in shards], batch_size, workers * world_size)
     per_epoch = per_worker * workers
     if not 0 <= skip_batches < per_epoch:
         raise ValueError(f"skip_batches={skip_batches} outside the epoch's {per_epoch} batches")
     plan = _Plan(mine, weights, mode, int(cfg.seed), int(epoch), rank, world_size, workers, batch_size, per_worker,
-                 int(skip_batches))
+                 int(skip_batches), sizes)
     dataset = _pipeline(plan, data, tokenizer).with_length(per_epoch - skip_batches, silent=True)
     loader = _data_loader(dataset, num_workers, int(data.prefetch_factor))
     return LoaderInfo(loader, per_epoch, n, len(shards), int(skip_batches),
-                      None if data.resampled else list(mine))
+                      None if data.resampled else list(mine),
+                      0 if data.resampled else per_epoch * world_size * batch_size - n)
 
 
 def _shard_weights(sources: Sequence[ShardSource]) -> List[float]:

@@ -60,7 +60,15 @@ class BadSampleCounter:
 
 
 class LabelReader:
-    """Reads the class index of a raw sample according to ``data.label_key`` ("cls" or "json:<field>")."""
+    """Reads the class index of a raw sample according to ``data.label_key``.
+
+    - ``cls`` (what ``mmcat pack`` writes): the member is the class *index* into ``labels.json``, always. It is never
+      looked up as a label name first: with numeric names (``labels.json`` = ``["1", "10", "100", "2"]``) the text
+      ``2`` is index 2 ("100"), not the name "2".
+    - ``json:<field>`` (shards from other tools): the field holds the label *name*, mapped through the labels file.
+      An integer is a name too (``10`` -> "10": label names are strings, and a product code is not a position in
+      a sorted list); any other type (float, bool, list, object) is a bad sample, as is a name not in the file.
+    """
 
     def __init__(self, label_key: str, labels: Sequence[str]) -> None:
         self.num_labels = len(labels)
@@ -73,28 +81,35 @@ class LabelReader:
             raise ValueError(f"data.label_key must be 'cls' or 'json:<field>', got '{label_key}'")
 
     def __call__(self, raw: Dict[str, Any]) -> int:
-        if self.field is None:
-            if "cls" not in raw:
-                raise BadSample("missing member 'cls'")
-            value: Any = raw["cls"].decode("ascii", "replace").strip()
-        else:
-            if "json" not in raw:
-                raise BadSample("missing member 'json'")
-            try:
-                meta = json.loads(raw["json"])
-            except ValueError as exc:
-                raise BadSample(f"invalid json member: {exc}") from None
-            if not isinstance(meta, dict) or meta.get(self.field) is None:
-                raise BadSample(f"json member has no '{self.field}' field")
-            value = meta[self.field]
-        if isinstance(value, str) and value in self.index:  # a label name (json labels from other tools)
-            return self.index[value]
-        if isinstance(value, bool) or not (isinstance(value, int) or str(value).lstrip("-").isdigit()):
-            raise BadSample(f"label {value!r} is not in the labels file")
-        idx = int(value)
-        if not 0 <= idx < self.num_labels:
+        return self._from_cls(raw) if self.field is None else self._from_json(raw, self.field)
+
+    def _from_cls(self, raw: Dict[str, Any]) -> int:
+        if "cls" not in raw:
+            raise BadSample("missing member 'cls'")
+        text = raw["cls"].decode("ascii", "replace").strip()
+        if not (text.isascii() and text.isdigit()):
+            raise BadSample(f"cls member {text[:40]!r} is not a class index")
+        idx = int(text)
+        if idx >= self.num_labels:
             raise BadSample(f"label index {idx} outside 0..{self.num_labels - 1}")
         return idx
+
+    def _from_json(self, raw: Dict[str, Any], field: str) -> int:
+        if "json" not in raw:
+            raise BadSample("missing member 'json'")
+        try:
+            meta = json.loads(raw["json"])
+        except ValueError as exc:
+            raise BadSample(f"invalid json member: {exc}") from None
+        if not isinstance(meta, dict) or meta.get(field) is None:
+            raise BadSample(f"json member has no '{field}' field")
+        value = meta[field]
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise BadSample(f"json field '{field}' is {value!r}: a label name must be a string or an integer")
+        name = str(value)
+        if name not in self.index:
+            raise BadSample(f"label {name!r} is not in the labels file")
+        return self.index[name]
 
 
 def parse_sample(raw: Dict[str, Any], labels: LabelReader) -> Dict[str, Any]:
