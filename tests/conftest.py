@@ -4,6 +4,8 @@
 ``tiny_packed_dataset``  it packed: image_size 64, 16 samples per shard, splits 0.8/0.1/0.1, seed 0
 ``bad_raw_dataset``      60 products / 3 classes + every planted bad input (planted.json lists them)
 ``bad_packed_dataset``   it packed with the label whitelist (labels.txt), image_size 64
+``tiny_text``            a tiny random BERT folder (tokenizer + config)
+``baseline_run``         one uninterrupted single-process training run on tiny_packed_dataset (2 epochs, 12 steps)
 Tests must not modify these directories (copy them first).
 """
 from __future__ import annotations
@@ -61,3 +63,21 @@ def bad_packed_dataset(bad_raw_dataset, tmp_path_factory) -> Path:
     pack(pack_config(bad_raw_dataset / "products.csv", out, image_size=64, max_samples_per_shard=16,
                      labels=str(bad_raw_dataset / "labels.txt")))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory) -> str:
+    from mmcat.models.tiny import make_tiny_text_model
+
+    return make_tiny_text_model(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def baseline_run(tiny_packed_dataset, tiny_text, tmp_path_factory) -> Path:
+    """The reference that exact-resume tests compare losses and weights with, and run-dir tests inspect."""
+    from train_helpers import mmcat_cmd, run, write_config
+
+    work = tmp_path_factory.mktemp("baseline")
+    cfg = write_config(work / "train.yaml", tiny_text, tiny_packed_dataset, work / "run")
+    run(mmcat_cmd("train", "--config", str(cfg)))
+    return work / "run"

@@ -18,13 +18,6 @@ def accelerate_cmd(launch_yaml: str, nproc: int, *args: str):
             "--num_processes", str(nproc), "--main_process_port", str(free_port()), "-m", "mmcat", *args]
 
 
-@pytest.fixture(scope="module")
-def tiny_text(tmp_path_factory) -> str:
-    from mmcat.models.tiny import make_tiny_text_model
-
-    return make_tiny_text_model(tmp_path_factory.mktemp("tiny_bert"))
-
-
 def _config(tmp: Path, tiny_text: str, packed: Path, run_dir: Path, **kw) -> Path:
     # log every step (loss comparison), no modality dropout / dropout so that the first steps are comparable
     return write_config(tmp / f"{run_dir.name}.yaml", tiny_text, packed, run_dir, train__log_every=1,

@@ -14,38 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_helpers import (ROOT, child_env, metrics, mmcat_cmd, run, tb_scalars, torchrun_cmd, train_until_done,
-                           write_config)
+from train_helpers import (ROOT, assert_same_run, child_env, metrics, mmcat_cmd, run, sizes, tb_scalars,
+                           torchrun_cmd, train_until_done, write_config)
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny_text(tmp_path_factory) -> str:
-    from mmcat.models.tiny import make_tiny_text_model
-
-    return make_tiny_text_model(tmp_path_factory.mktemp("tiny_bert"))
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_packed_dataset, tiny_text, tmp_path_factory) -> Path:
-    """2 epochs of 6 batches: 12 optimizer steps, evaluated and checkpointed at each epoch end."""
-    work = tmp_path_factory.mktemp("uninterrupted")
-    cfg = write_config(work / "train.yaml", tiny_text, tiny_packed_dataset, work / "run")
-    run(mmcat_cmd("train", "--config", str(cfg)))
-    return work / "run"
-
-
-def assert_same_run(resumed: Path, reference: Path) -> None:
-    got, want = tb_scalars(resumed), tb_scalars(reference)
-    assert sorted(got) == list(range(1, metrics(reference)["global_step"] + 1))  # every step logged, once
-    assert got == want  # bit-identical losses (each the mean over the accumulation window and the ranks)
-    for key in ("global_step", "samples_seen", "best_step", "final_weights_sha256"):
-        assert metrics(resumed)[key] == metrics(reference)[key], key
-    assert tb_scalars(resumed, "val/fused/macro_f1") == tb_scalars(reference, "val/fused/macro_f1")
-
-
-def test_stopped_every_3_steps_then_resumed_is_bit_identical(uninterrupted, tiny_packed_dataset, tiny_text, tmp_path):
+def test_stopped_every_3_steps_then_resumed_is_bit_identical(baseline_run, tiny_packed_dataset, tiny_text, tmp_path):
     """Stops at steps 3 (mid-epoch), 6 (the epoch's last step, before its evaluation and checkpoint) and 9."""
     cfg = write_config(tmp_path / "train.yaml", tiny_text, tiny_packed_dataset, tmp_path / "run",
                        train__resume="latest", train__stop_after_steps=3)
@@ -54,10 +29,10 @@ def test_stopped_every_3_steps_then_resumed_is_bit_identical(uninterrupted, tiny
     states = {p.name: json.loads((p / "trainer_state.json").read_text())
               for p in (tmp_path / "run" / "checkpoints").iterdir()}
     assert set(states) == {"step-9", "step-12"}  # keep_checkpoints=2
-    assert_same_run(tmp_path / "run", uninterrupted)
+    assert_same_run(tmp_path / "run", baseline_run)
 
 
-def test_resume_with_changed_settings_is_refused_before_work(uninterrupted, tiny_packed_dataset, tiny_text, tmp_path):
+def test_resume_with_changed_settings_is_refused_before_work(baseline_run, tiny_packed_dataset, tiny_text, tmp_path):
     run_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "train.yaml", tiny_text, tiny_packed_dataset, run_dir, train__resume="latest",
                        train__stop_after_steps=2)
@@ -77,7 +52,7 @@ def test_resume_with_changed_settings_is_refused_before_work(uninterrupted, tiny
     assert metrics(run_dir)["global_step"] == 18
 
 
-def test_ctrl_c_checkpoints_at_the_step_and_resumes_exactly(uninterrupted, tiny_packed_dataset, tiny_text, tmp_path):
+def test_ctrl_c_checkpoints_at_the_step_and_resumes_exactly(baseline_run, tiny_packed_dataset, tiny_text, tmp_path):
     """Ctrl-C reaches the whole foreground process group (loader workers too): one line, exit 130, a checkpoint."""
     run_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "train.yaml", tiny_text, tiny_packed_dataset, run_dir, train__resume="latest")
@@ -95,7 +70,7 @@ def test_ctrl_c_checkpoints_at_the_step_and_resumes_exactly(uninterrupted, tiny_
     stopped_at = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
     assert 1 <= stopped_at < 12
     run(mmcat_cmd("train", "--config", str(cfg)))
-    assert_same_run(run_dir, uninterrupted)
+    assert_same_run(run_dir, baseline_run)
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +85,17 @@ def uneven_packed(tiny_raw_dataset, tmp_path_factory) -> Path:
 
 
 def test_torchrun_resume_inside_a_window_across_an_epoch_end(uneven_packed, tiny_text, tmp_path):
-    """2 ranks, 7 shards, grad_accum 2, 3 micro-batches per epoch: step 2's window spans the end of epoch 0.
+    """2 ranks, 7 shards, grad_accum 3, 4 micro-batches per epoch: step 2's window spans the end of epoch 0.
     Stopped after steps 1 and 2, then resumed to the end: identical to the uninterrupted 2-rank run."""
-    ref = write_config(tmp_path / "ref.yaml", tiny_text, uneven_packed, tmp_path / "ref", train__grad_accum=2,
+    ref = write_config(tmp_path / "ref.yaml", tiny_text, uneven_packed, tmp_path / "ref", train__grad_accum=3,
                        train__epochs=3)
     run(torchrun_cmd(2, "train", "--config", str(ref)))
-    cfg = write_config(tmp_path / "stop.yaml", tiny_text, uneven_packed, tmp_path / "run", train__grad_accum=2,
+    m = metrics(tmp_path / "ref")
+    # 4 micro-batches per rank and epoch (the fullest rank's 4 shards hold 56 samples): 12 over 3 epochs, 4 windows
+    assert (m["global_step"], m["samples_seen"], m["world_size"]) == (4, 4 * 3 * 16 * 2, 2)
+    for split in ("val", "test"):  # exact eval counts across ranks: every sample once, none duplicated
+        assert m[split]["fused"]["num_samples"] == sum(sizes(uneven_packed, split).values())
+    cfg = write_config(tmp_path / "stop.yaml", tiny_text, uneven_packed, tmp_path / "run", train__grad_accum=3,
                        train__epochs=3, train__resume="latest")
     for _ in range(2):
         # torchrun reports any failed child as 1; the ranks' own exit code (75: checkpointed, run me again) is in
@@ -123,9 +103,8 @@ def test_torchrun_resume_inside_a_window_across_an_epoch_end(uneven_packed, tiny
         proc = run(torchrun_cmd(2, "train", "--config", str(cfg), "train.stop_after_steps=1"), check=False)
         assert proc.returncode == 1 and re.search(r"exitcode\s*:\s*75", proc.stderr), proc.stderr[-3000:]
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
-    assert (state["epoch"], state["batch_in_epoch"]) == (1, 1)  # the window of step 2 crossed the epoch end
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 2)  # the window of step 2 crossed the epoch end
     run(torchrun_cmd(2, "train", "--config", str(cfg)))
-    assert metrics(tmp_path / "ref")["global_step"] == 4
     assert_same_run(tmp_path / "run", tmp_path / "ref")
 
 

@@ -102,3 +102,12 @@ def train_until_done(cmd: Sequence[str], max_invocations: int = 8, **kw) -> List
         if proc.returncode not in (0, 75):
             raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stderr[-6000:]}")
     return codes
+
+
+def assert_same_run(resumed: Path, reference: Path) -> None:
+    got, want = tb_scalars(resumed), tb_scalars(reference)
+    assert sorted(got) == list(range(1, metrics(reference)["global_step"] + 1))  # every step logged, once
+    assert got == want  # bit-identical losses (each the mean over the accumulation window and the ranks)
+    for key in ("global_step", "samples_seen", "best_step", "final_weights_sha256"):
+        assert metrics(resumed)[key] == metrics(reference)[key], key
+    assert tb_scalars(resumed, "val/fused/macro_f1") == tb_scalars(reference, "val/fused/macro_f1")
