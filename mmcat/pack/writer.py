@@ -15,7 +15,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional
 
 from mmcat.config import ConfigError
 from mmcat.pack.worker import Result
@@ -38,7 +38,7 @@ class OutputError(ConfigError):
 
 
 @contextmanager
-def writing(path: Path) -> Iterator[None]:
+def writing(path: Optional[Path]) -> Iterator[None]:
     """Turn an OSError raised while writing ``path`` into an OutputError (exit code 2 from the CLI)."""
     try:
         yield
@@ -74,7 +74,7 @@ class SplitWriter:
         self.records: List[dict] = []
         self._tar = None  # webdataset.TarWriter of the open shard
         self._file = None
-        self._tmp = shard_dir
+        self._tmp: Optional[Path] = None  # the .tmp file of the open shard
         self._reset_counters()
         for folder in (shard_dir, state_dir):
             with writing(folder):
