@@ -52,6 +52,7 @@ class PackConfig:
     max_samples_per_shard: int = 1000
     max_shard_bytes: float = 1e9
     max_image_pixels: int = 89_478_485  # PIL's decompression-bomb threshold
+    max_image_bytes: int = 50_000_000  # bigger photo files are not read (degraded: image_file_too_large)
     workers: int = 1
     resume: bool = False
     # job-array slicing: this run packs rows slice_index::num_slices into its own shard names

@@ -1,4 +1,5 @@
-"""``mmcat inspect DIR``: split sizes, label counts, failures by reason and a few sample rows of a packed dataset."""
+"""``mmcat inspect DIR``: split sizes, label counts, failures by reason, warnings (an empty split, labels missing
+from a split) and a few sample rows of a packed dataset."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import List
 
 from mmcat.config import ConfigError
+from mmcat.pack import print_warnings
+from mmcat.pack.split import split_warnings
 
 
 def _samples(out: Path, manifest: dict, n: int) -> List[dict]:
@@ -49,7 +52,10 @@ def inspect_dataset(dir: str | Path, as_json: bool = False, samples: int = 3) ->
                    for name, info in manifest["splits"].items()},
         "failures": dict(sorted(failures.items())), "image_notes": manifest.get("image_notes", {}),
         "settings": manifest["settings"], "samples": _samples(out, manifest, samples),
+        # recomputed, not read from the manifest: datasets packed before warnings existed get them too
+        "warnings": split_warnings(manifest["labels"], manifest["splits"], manifest["settings"].get("splits", {})),
     }
+    print_warnings("inspect", report["warnings"])  # stderr: --json output stays parseable
     if as_json:
         json.dump(report, sys.stdout, indent=2, ensure_ascii=False)
         print()

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from omegaconf.errors import OmegaConfBaseException
 
@@ -44,7 +45,13 @@ def pack_from_args(args: argparse.Namespace) -> int:
     where = f"{cfg.out}/slices/slice-{cfg.slice_index:03d}" if cfg.num_slices > 1 else cfg.out
     print(f"packed {manifest['total_samples']} samples ({splits}) into {cfg.out}; "
           f"{fails['rejected']} rejected, {fails['degraded']} degraded (see {where}/failures.jsonl)")
+    print_warnings("pack", manifest["warnings"])
     return 0
 
 
-__all__ = ["pack", "pack_from_args", "config_from_args"]
+def print_warnings(command: str, warnings) -> None:
+    for warning in warnings:
+        print(f"mmcat {command}: warning: {warning}", file=sys.stderr)
+
+
+__all__ = ["pack", "pack_from_args", "config_from_args", "print_warnings"]

@@ -32,6 +32,8 @@ def add_pack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shard-bytes", dest="max_shard_bytes", type=float, help="default: 1e9")
     p.add_argument("--max-image-pixels", dest="max_image_pixels", type=int,
                    help=f"decompression-bomb guard, checked from the header (default: {_D.max_image_pixels})")
+    p.add_argument("--max-image-bytes", dest="max_image_bytes", type=int,
+                   help=f"photo files larger than this are not read (default: {_D.max_image_bytes})")
     p.add_argument("--workers", type=int, help="processes decoding/resizing/encoding (default: 1)")
     p.add_argument("--resume", action="store_true", default=None,
                    help="finish an interrupted run: completed shards are kept, the rest is redone")
@@ -41,4 +43,4 @@ def add_pack_arguments(p: argparse.ArgumentParser) -> None:
 
 PACK_KEYS = ("input", "out", "format", "images_root", "id_column", "image_column", "label_column", "labels", "seed",
              "image_size", "resize_mode", "jpeg_quality", "max_samples_per_shard", "max_shard_bytes",
-             "max_image_pixels", "workers", "resume", "slice_index", "num_slices")
+             "max_image_pixels", "max_image_bytes", "workers", "resume", "slice_index", "num_slices")

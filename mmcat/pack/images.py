@@ -10,9 +10,12 @@ the EXIF orientation, converts grayscale/CMYK to BGR and 16-bit to 8-bit; images
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -187,14 +190,48 @@ def process_image(data: bytes, size: int, mode: str = "shorter", quality: int = 
     return ProcessedImage(enc.tobytes(), img.shape[1], img.shape[0], ow, oh, notes)
 
 
-def read_image_bytes(path: Optional[str]) -> bytes:
-    """File bytes, or ImageError with reason image_missing / image_unreadable."""
-    if not path:
-        raise ImageError("image_missing", "no image path")
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _check_regular(path: str, st: os.stat_result, max_bytes: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError("image_not_a_file", f"{path}: {_file_kind(st.st_mode)}")
+    if st.st_size > max_bytes:
+        raise ImageError("image_file_too_large", f"{path}: {st.st_size} bytes > max_image_bytes {max_bytes}")
+
+
+@contextmanager
+def _os_errors_as_image_errors(path: str) -> Iterator[None]:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        yield
     except FileNotFoundError:
         raise ImageError("image_missing", path) from None
-    except (IsADirectoryError, PermissionError, OSError) as exc:
+    except OSError as exc:  # PermissionError, EIO, ENXIO (a socket), ...
         raise ImageError("image_unreadable", f"{path}: {type(exc).__name__}") from None
+
+
+def read_image_bytes(path: Optional[str], max_bytes: int) -> bytes:
+    """The bytes of the regular file ``path`` (at most ``max_bytes``), or ImageError.
+
+    Why the checks: a photo path can point (often through a symlink) at /dev/zero or /dev/urandom (endless: a
+    plain read fills the memory), a FIFO (``open`` blocks until a writer appears), a socket or a device. So the
+    target is ``stat``-ed first and must be a regular file no larger than ``max_bytes``; it is opened with
+    O_NONBLOCK (a FIFO swapped in after the check cannot block), checked again on the open descriptor, and read up
+    to ``max_bytes + 1`` bytes only (a file that grew meanwhile is refused, not read on).
+    """
+    if not path:
+        raise ImageError("image_missing", "no image path")
+    with _os_errors_as_image_errors(path):
+        _check_regular(path, os.stat(path), max_bytes)  # os.stat follows symlinks: the target decides
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            _check_regular(path, os.fstat(fd), max_bytes)  # the path may have been replaced since the stat
+            data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageError("image_file_too_large", f"{path}: more than max_image_bytes {max_bytes} bytes")
+    return data

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Mapping
 
 from mmcat import __version__
-from mmcat.pack.writer import write_json_atomic
+from mmcat.pack.split import split_warnings
+from mmcat.pack.writer import write_json_atomic, writing
 
 
 def split_summary(records: Iterable[dict], labels: List[str]) -> dict:
@@ -48,6 +49,7 @@ def build_manifest(settings: Mapping, labels: List[str], splits: Mapping[str, di
         "image_notes": dict(sorted(notes.items())),
         "settings": dict(settings),
         "slices": num_slices,
+        "warnings": split_warnings(labels, splits, settings["splits"]),
     }
 
 
@@ -55,7 +57,8 @@ def write_dataset_files(out: Path, manifest: dict, failures: List[dict]) -> None
     """labels, sizes and failures first; the manifest last, because its presence means "complete"."""
     write_json_atomic(out / "labels.json", manifest["labels"])
     for split, info in manifest["splits"].items():
-        (out / split).mkdir(parents=True, exist_ok=True)
+        with writing(out / split):
+            (out / split).mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / split / "sizes.json", {s["name"]: s["samples"] for s in info["shards"]})
     write_json_atomic(out / "failures.jsonl", failures, lines=True)
     write_json_atomic(out / "manifest.json", manifest)

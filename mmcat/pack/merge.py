@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from mmcat.config import ConfigError
+from mmcat.pack import print_warnings
 from mmcat.pack.manifest import build_manifest, sort_failures, write_dataset_files
 
 
@@ -69,4 +70,5 @@ def merge_slices(out_dir: str | Path) -> dict:
     write_dataset_files(out, manifest, failures)
     print(f"merged {n} slices: {manifest['total_samples']} samples, "
           f"{manifest['failures']['rejected']} rejected, {manifest['failures']['degraded']} degraded -> {out}")
+    print_warnings("pack-merge", manifest["warnings"])
     return manifest

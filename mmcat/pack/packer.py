@@ -22,7 +22,7 @@ from mmcat.pack.plan import Task, build_plan
 from mmcat.pack.sources import detect_format, read_table
 from mmcat.pack.split import check_splits
 from mmcat.pack.worker import ImageSettings, Result, init_worker, process_task, process_task_in_worker
-from mmcat.pack.writer import SplitWriter, load_records, write_json_atomic
+from mmcat.pack.writer import SplitWriter, load_records, write_json_atomic, writing
 
 STATE_DIR = ".pack-state"
 
@@ -55,6 +55,7 @@ def _validate(cfg) -> Dict[str, float]:
         (cfg.max_samples_per_shard >= 1, "max_samples_per_shard", "must be >= 1"),
         (cfg.max_shard_bytes >= 1e4, "max_shard_bytes", "must be >= 10000"),
         (cfg.max_image_pixels >= 1, "max_image_pixels", "must be >= 1"),
+        (cfg.max_image_bytes >= 1, "max_image_bytes", "must be >= 1"),
         (cfg.workers >= 1, "workers", "must be >= 1"),
         (cfg.num_slices >= 1, "num_slices", "must be >= 1"),
         (0 <= cfg.slice_index < max(cfg.num_slices, 1), "slice_index", f"must be within 0..{cfg.num_slices - 1}"),
@@ -83,7 +84,7 @@ def _settings(cfg, input_path: Path, fmt: str, images_root: Path, splits: Dict[s
         "labels_file": str(Path(cfg.labels).resolve()) if cfg.labels else None, "splits": splits, "seed": cfg.seed,
         "image_size": cfg.image_size, "resize_mode": cfg.resize_mode, "jpeg_quality": cfg.jpeg_quality,
         "max_samples_per_shard": cfg.max_samples_per_shard, "max_shard_bytes": float(cfg.max_shard_bytes),
-        "max_image_pixels": cfg.max_image_pixels,
+        "max_image_pixels": cfg.max_image_pixels, "max_image_bytes": cfg.max_image_bytes,
     }
 
 
@@ -145,16 +146,17 @@ def pack(cfg) -> dict:
     input_path = Path(cfg.input)
     fmt = detect_format(input_path, cfg.format)
     required = list(dict.fromkeys([cfg.id_column, cfg.image_column, *cfg.text_columns, cfg.label_column]))
-    rows = read_table(input_path, fmt, required)
+    rows, problems = read_table(input_path, fmt, required)
     images_root = Path(cfg.images_root) if cfg.images_root else input_path.parent
     if not images_root.is_dir():
         raise ConfigError(f"--images-root {images_root}: not a directory")
-    plan = build_plan(rows, cfg, images_root)
+    plan = build_plan(rows, cfg, images_root, problems)
     settings = _settings(cfg, input_path, fmt, images_root, splits)
     layout = Layout(Path(cfg.out), cfg.slice_index, cfg.num_slices)
-    layout.out.mkdir(parents=True, exist_ok=True)
-    _prepare_state(layout, dict(settings, slice_index=cfg.slice_index, num_slices=cfg.num_slices), cfg.resume,
-                   list(splits))
+    with writing(layout.out):  # a read-only or full file system, or an --out below a regular file
+        layout.out.mkdir(parents=True, exist_ok=True)
+        _prepare_state(layout, dict(settings, slice_index=cfg.slice_index, num_slices=cfg.num_slices), cfg.resume,
+                       list(splits))
 
     writers: Dict[str, SplitWriter] = {}
     done: Dict[str, List[dict]] = {}
@@ -168,13 +170,15 @@ def pack(cfg) -> dict:
         if cfg.resume:  # shards past the recorded prefix are rewritten (same names, same bytes)
             for stale in list(shard_dir.glob(layout.shard_glob())) + list(shard_dir.glob(".shard-*.tmp")):
                 if stale.name.endswith(".tmp") or stale.name not in {r["name"] for r in done[split]}:
-                    stale.unlink()
+                    with writing(stale):
+                        stale.unlink()
         writers[split] = SplitWriter(shard_dir, state_dir, layout.shard_name, plan.labels, cfg.max_samples_per_shard,
                                      cfg.max_shard_bytes, next_index=len(done[split]), next_pos=start)
         todo.extend((split, pos, task) for pos, task in enumerate(mine) if pos >= start)
         ends[split] = len(mine)
 
-    image_settings = ImageSettings(cfg.image_size, cfg.resize_mode, cfg.jpeg_quality, cfg.max_image_pixels)
+    image_settings = ImageSettings(cfg.image_size, cfg.resize_mode, cfg.jpeg_quality, cfg.max_image_pixels,
+                                   cfg.max_image_bytes)
     with tqdm(total=len(todo), unit="img", desc="pack", disable=None) as bar:
         for (split, pos, task), result in zip(todo, _results(todo, image_settings, cfg.workers)):
             writers[split].add(pos, task.key, result)
@@ -189,7 +193,9 @@ def pack(cfg) -> dict:
     summaries = {split: split_summary(records[split], plan.labels) for split in splits}
     manifest = build_manifest(settings, plan.labels, summaries, failures, sum_notes(all_records))
     if layout.sliced:
-        manifest.update(slices=cfg.num_slices, slice_index=cfg.slice_index)
-        layout.summary.mkdir(parents=True, exist_ok=True)
+        # one slice's splits say nothing about the dataset's: pack-merge warns about the merged splits
+        manifest.update(slices=cfg.num_slices, slice_index=cfg.slice_index, warnings=[])
+        with writing(layout.summary):
+            layout.summary.mkdir(parents=True, exist_ok=True)
     write_dataset_files(layout.summary, manifest, failures)
     return manifest

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -17,6 +18,7 @@ from mmcat.config import ConfigError
 from mmcat.pack.split import assign_splits, keyed_hash
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_SUFFIXED = re.compile(r"_[0-9a-f]{8}$")  # the shape of a hash suffix
 _SPACE = re.compile(r"\s+")
 
 
@@ -42,9 +44,17 @@ class Plan:
 
 
 def safe_key(id_: str) -> str:
-    """A WebDataset ``__key__``: no dots (they start the extension), no slashes; unique per id."""
+    """A WebDataset ``__key__``: no dots (webdataset's reader splits the key from the extension at the first dot
+    of the file name), no slashes (folders), at most 89 characters.
+
+    An id made only of ``A-Za-z0-9_-``, at most 80 characters long and not ending like a hash suffix
+    (``_`` + 8 hex digits) is its own key. Every other id gets ``<sanitized, cut to 80>_<8 hex digits of a hash of
+    the raw id>``. The two forms cannot meet (only the second ends like a suffix), so two ids share a key only if
+    their sanitized forms and their 32-bit hashes both collide; ``build_plan`` rejects that rare case
+    (``key_collision``) instead of writing two samples under one key.
+    """
     clean = _UNSAFE.sub("_", id_)[:80]
-    if clean == id_:
+    if clean == id_ and not _SUFFIXED.search(id_):
         return clean
     return f"{clean}_{keyed_hash(0, 'key', id_) & 0xFFFFFFFF:08x}"  # the suffix keeps "a.b" and "a_b" apart
 
@@ -77,11 +87,14 @@ def read_label_whitelist(path: str) -> List[str]:
     return labels
 
 
-def build_plan(rows: Sequence[Dict[str, str]], cfg, images_root: Path) -> Plan:
+def build_plan(rows: Sequence[Dict[str, str]], cfg, images_root: Path, problems: Optional[Dict[int, str]] = None) -> Plan:
+    """``problems``: row index -> detail, for rows the table reader could not split into the header's columns."""
     whitelist = read_label_whitelist(cfg.labels) if cfg.labels else None
     allowed = set(whitelist) if whitelist else None
+    problems = problems or {}
     rejected: List[dict] = []
     first_row: Dict[str, int] = {}
+    key_owner: Dict[str, str] = {}  # sample key -> the id that has it
     kept: List[int] = []
 
     def reject(row: int, id_: str, reason: str, **extra) -> None:
@@ -91,7 +104,10 @@ def build_plan(rows: Sequence[Dict[str, str]], cfg, images_root: Path) -> Plan:
         row = i + 1
         id_ = r[cfg.id_column].strip()
         label = r[cfg.label_column].strip()
-        if not id_:
+        key = safe_key(id_)
+        if i in problems:
+            reject(row, id_, "csv_field_count", detail=problems[i])
+        elif not id_:
             reject(row, id_, "id_missing")
         elif not label:
             reject(row, id_, "label_missing")
@@ -99,9 +115,16 @@ def build_plan(rows: Sequence[Dict[str, str]], cfg, images_root: Path) -> Plan:
             reject(row, id_, "label_unknown", label=label)
         elif id_ in first_row:
             reject(row, id_, "duplicate_id", first_row=first_row[id_])
+        elif key in key_owner:
+            reject(row, id_, "key_collision", other_id=key_owner[key], first_row=first_row[key_owner[key]], key=key)
         else:
             first_row[id_] = row
+            key_owner[key] = id_
             kept.append(i)
+    if not kept:
+        reasons = Counter(f["reason"] for f in rejected)
+        raise ConfigError(f"no usable data rows: all {len(rows)} rows rejected "
+                          f"({', '.join(f'{n} {r}' for r, n in sorted(reasons.items()))})")
 
     labels = whitelist or sorted({rows[i][cfg.label_column].strip() for i in kept})
     index = {label: n for n, label in enumerate(labels)}

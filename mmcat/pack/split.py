@@ -74,3 +74,24 @@ def assign_splits(items: Sequence[Tuple[str, str]], splits: Mapping[str, float],
     for name in names:
         out[name].sort(key=lambda i: (keyed_hash(seed, "order", i), i))
     return out
+
+
+def split_warnings(labels: Sequence[str], splits: Mapping[str, dict], fractions: Mapping[str, float]) -> List[str]:
+    """What a user should know about the packed splits (``splits``: manifest ``splits``): an empty split (the
+    stratified allocation rounds each label's share down to nothing when labels have few rows), or a split that
+    lacks some labels other splits have (their per-class metrics there would be undefined)."""
+    present = {label for info in splits.values() for label, n in info["label_counts"].items() if n}
+    out: List[str] = []
+    for name, info in splits.items():
+        frac = float(fractions.get(name, 1.0))
+        if frac == 0.0:
+            continue  # asked to be empty
+        if info["samples"] == 0:
+            out.append(f"split '{name}' is empty: no label has enough rows for a {frac:g} share (the split is "
+                       "stratified per label); add rows or change --splits")
+            continue
+        absent = [label for label in labels if label in present and not info["label_counts"].get(label, 0)]
+        if absent:
+            shown = ", ".join(repr(a) for a in absent[:5]) + (", ..." if len(absent) > 5 else "")
+            out.append(f"split '{name}' has no samples of {len(absent)} of {len(labels)} labels ({shown})")
+    return out

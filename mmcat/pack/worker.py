@@ -21,6 +21,7 @@ class ImageSettings:
     mode: str
     quality: int
     max_pixels: int
+    max_bytes: int
 
 
 @dataclass
@@ -54,7 +55,7 @@ def process_task(task: Task, s: ImageSettings) -> Result:
     notes: List[str] = []
     image_error: Optional[ImageError] = None
     try:
-        img = process_image(read_image_bytes(task.image_path), s.size, s.mode, s.quality, s.max_pixels)
+        img = process_image(read_image_bytes(task.image_path, s.max_bytes), s.size, s.mode, s.quality, s.max_pixels)
         members["jpg"] = img.jpeg
         notes = img.notes
         meta.update(width=img.width, height=img.height, orig_width=img.orig_width, orig_height=img.orig_height)

@@ -5,14 +5,19 @@ and renamed; only then is its state record (``.pack-state/.../NAME.json``: sampl
 positions it covers, label counts and the failures inside that range) written, atomically. The record is the
 shard's "done" marker: on ``--resume`` the writer restarts right after the last recorded position, so a shard
 renamed but not yet recorded is simply rewritten (same name, same bytes) and every row lands exactly once.
+
+Any OSError while writing (disk full, quota, read-only file system, ``--out`` under a regular file ...) becomes an
+``OutputError``: one line naming the file, suggesting ``--resume`` (the finished shards stay valid).
 """
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterator, List, Optional
 
+from mmcat.config import ConfigError
 from mmcat.pack.worker import Result
 
 TAR_MTIME = 946684800  # 2000-01-01: fixed so the same input gives byte-identical shards
@@ -28,9 +33,25 @@ def sample_tar_bytes(key: str, members: Dict[str, bytes]) -> int:
     return sum(_BLOCK + _round_up(len(v), _BLOCK) for v in members.values())
 
 
+class OutputError(ConfigError):
+    """The output could not be written; the message is one line naming the path."""
+
+
+@contextmanager
+def writing(path: Optional[Path]) -> Iterator[None]:
+    """Turn an OSError raised while writing ``path`` into an OutputError (exit code 2 from the CLI)."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or path  # mkdir/open name the failing path; write/fsync (ENOSPC, EFBIG) do not
+        raise OutputError(f"cannot write {where}: {exc.strerror or type(exc).__name__} -- free space or fix "
+                          "permissions (or choose another --out), then run the same command with --resume "
+                          "to keep the finished shards") from None
+
+
 def write_json_atomic(path: Path, obj, lines: bool = False) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with writing(path), open(tmp, "w", encoding="utf-8") as f:
         if lines:
             f.writelines(json.dumps(x, ensure_ascii=False, sort_keys=True) + "\n" for x in obj)
         else:
@@ -38,7 +59,8 @@ def write_json_atomic(path: Path, obj, lines: bool = False) -> None:
             f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(path):
+        os.replace(tmp, path)
 
 
 class SplitWriter:
@@ -52,9 +74,11 @@ class SplitWriter:
         self.records: List[dict] = []
         self._tar = None  # webdataset.TarWriter of the open shard
         self._file = None
+        self._tmp: Optional[Path] = None  # the .tmp file of the open shard
         self._reset_counters()
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        state_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (shard_dir, state_dir):
+            with writing(folder):
+                folder.mkdir(parents=True, exist_ok=True)
 
     def _reset_counters(self) -> None:
         self.samples, self.bytes = 0, 0
@@ -65,9 +89,30 @@ class SplitWriter:
     def _open(self) -> None:
         from webdataset import TarWriter  # imported on first use: it pulls in torch (~1.5 s), config errors stay fast
 
-        tmp = self.shard_dir / f".{self.name(self.index)}.tmp"
-        self._file = open(tmp, "wb")
-        self._tar = TarWriter(self._file, encoder=False, mtime=TAR_MTIME)
+        self._tmp = self.shard_dir / f".{self.name(self.index)}.tmp"
+        with self._shard_io():
+            self._file = open(self._tmp, "wb")
+            self._tar = TarWriter(self._file, encoder=False, mtime=TAR_MTIME)
+
+    @contextmanager
+    def _shard_io(self) -> Iterator[None]:
+        try:
+            with writing(self._tmp):
+                yield
+        except OutputError:
+            self._abandon()
+            raise
+
+    def _abandon(self) -> None:
+        """Drop the shard being written after a write error; ``--resume`` deletes its .tmp file. Closing here (and
+        ignoring the same error again) keeps tarfile from retrying the write from a finalizer at exit."""
+        for handle in (self._tar, self._file):
+            try:
+                if handle is not None:
+                    handle.close()
+            except (OSError, ValueError):
+                pass
+        self._tar, self._file = None, None
 
     def add(self, pos: int, key: str, result: Result) -> None:
         if result.members is not None:
@@ -78,7 +123,8 @@ class SplitWriter:
                 self._close(end=pos)
             if self._tar is None:
                 self._open()
-            self._tar.write({"__key__": key, **result.members})
+            with self._shard_io():
+                self._tar.write({"__key__": key, **result.members})
             self.samples += 1
             self.bytes += size
             self.label_counts[result.label_index] += 1
@@ -91,12 +137,13 @@ class SplitWriter:
         name = self.name(self.index) if self._tar is not None else None
         size = 0
         if self._tar is not None:
-            self._tar.close()
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
             final = self.shard_dir / name
-            os.replace(self.shard_dir / f".{name}.tmp", final)
+            with self._shard_io():
+                self._tar.close()
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+                os.replace(self._tmp, final)
             size = final.stat().st_size
         record = {"index": self.index, "name": name, "samples": self.samples, "bytes": size, "start": self.start,
                   "end": end, "label_counts": dict(zip(self.labels, self.label_counts)),
