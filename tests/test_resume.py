@@ -150,3 +150,37 @@ def test_evaluation_stops_when_a_stop_is_requested(tiny_packed_dataset, tiny_tex
     full = evaluate(model, build_eval_loader(cfg.data, "val", tok, batch_size=2, num_workers=0), acc, labels,
                     dummy_batch(tok, 32))
     assert full["fused"]["num_samples"] > 4
+
+
+def test_logged_loss_is_the_window_mean_and_grad_norm_is_logged(tiny_packed_dataset, tiny_text, tmp_path):
+    """With every learning rate 0 the weights never change, so the loss logged for a window of 2 micro-batches
+    must be the mean of the losses logged for the same 2 micro-batches without accumulation."""
+    frozen = dict(train__epochs=1, train__lr=0.0, train__lr_image=0.0, train__lr_text=0.0)
+    single = write_config(tmp_path / "a.yaml", tiny_text, tiny_packed_dataset, tmp_path / "a", **frozen)
+    window = write_config(tmp_path / "b.yaml", tiny_text, tiny_packed_dataset, tmp_path / "b",
+                          train__grad_accum=2, **frozen)
+    run(mmcat_cmd("train", "--config", str(single)))
+    run(mmcat_cmd("train", "--config", str(window)))
+    per_batch, per_window = tb_scalars(tmp_path / "a"), tb_scalars(tmp_path / "b")
+    assert sorted(per_batch) == list(range(1, 7)) and sorted(per_window) == [1, 2, 3]
+    for step, loss in per_window.items():
+        assert loss == pytest.approx((per_batch[2 * step - 1] + per_batch[2 * step]) / 2, rel=1e-6), step
+    norms = tb_scalars(tmp_path / "b", "train/grad_norm")
+    assert sorted(norms) == [1, 2, 3] and all(n > 0 for n in norms.values())
+
+
+def test_early_stop_at_an_epoch_end_inside_a_window_never_checkpoints_half_a_window(tiny_packed_dataset, tiny_text,
+                                                                                    tmp_path):
+    """6 micro-batches per epoch, windows of 5: both epoch ends fall inside a window. lr 0 makes the second
+    evaluation flat, so patience 1 stops the run; every checkpoint must lie on a window boundary."""
+    cfg = write_config(tmp_path / "train.yaml", tiny_text, tiny_packed_dataset, tmp_path / "run", train__epochs=5,
+                       train__grad_accum=5, train__lr=0.0, train__lr_image=0.0, train__lr_text=0.0,
+                       train__early_stopping_patience=1, train__keep_checkpoints=0)
+    proc = run(mmcat_cmd("train", "--config", str(cfg)))
+    assert "early stopping at step 3" in proc.stderr
+    saved = {}
+    for ckpt in (tmp_path / "run" / "checkpoints").glob("step-*"):
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        saved[state["global_step"]] = state["epoch"] * 6 + state["batch_in_epoch"]  # micro-batches consumed
+    assert saved == {2: 10, 3: 15}  # steps x window: no checkpoint holds part of a window
+    assert metrics(tmp_path / "run")["global_step"] == 3
