@@ -23,7 +23,7 @@ from typing import Dict, List
 
 import pytest
 
-from train_helpers import free_port, metrics, sizes, write_config
+from train_helpers import assert_same_run, free_port, metrics, run, sizes, torchrun_cmd, write_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -251,7 +251,8 @@ def test_preempted_job_requeues_and_resumes(slurm_cluster, packed, tiny_text, tm
     node_log = (run_dir / "logs" / job / "node-0.log").read_text()
     first, sep, second = node_log.partition("] restart 1: ")  # the srun task prints SLURM_RESTART_COUNT too
     assert sep, dump_logs(logs)
-    m = re.search(r"preempted at step (\d+): checkpoint saved, exiting 75", first)
+    m = re.search(r"stopped \(SIGUSR1\) at step (\d+): checkpoint saved in \S+; exiting for requeue \(exit 75\)",
+                  first)
     assert m, "the trainer did not checkpoint on the forwarded signal\n" + dump_logs(logs)
     stopped_at = int(m.group(1))
     assert first_save <= stopped_at < total
@@ -263,6 +264,9 @@ def test_preempted_job_requeues_and_resumes(slurm_cluster, packed, tiny_text, tm
     m = metrics(run_dir)
     assert (m["global_step"], m["samples_seen"]) == uninterrupted_counts(packed, total), m
     assert m["world_size"] == NPROC
+    # content, not counters: the same loss at every step and bit-identical weights as an uninterrupted 2-process run
+    run(torchrun_cmd(NPROC, "train", "--config", str(config), f"output_dir={tmp_path / 'reference'}"))
+    assert_same_run(run_dir, tmp_path / "reference")
     # the batch output file was appended across the requeue, not truncated
     out = (tmp_path / f"mmcat-train-{job}.out").read_text()
     assert f"job {job} restart 0" in out and f"job {job} restart 1" in out
