@@ -39,7 +39,7 @@ def evaluate_artifact(model_dir: str, data_root: str, split: str = "test", batch
                       num_workers: int = 0, out: Optional[str] = None, label_key: Optional[str] = None) -> Dict:
     from mmcat.config import check_label_key
     from mmcat.data import build_eval_loader
-    from mmcat.data.sources import check_split
+    from mmcat.data.sources import check_root_exists, check_split, root_entries
 
     if label_key is not None:
         check_label_key(label_key, "--label-key")
@@ -50,6 +50,8 @@ def evaluate_artifact(model_dir: str, data_root: str, split: str = "test", batch
     data_cfg.labels_file = None
     if label_key is not None:
         data_cfg.label_key = label_key
+    for entry in root_entries(data_cfg):
+        check_root_exists(entry, "--data")
     _use_model_labels(data_cfg, art.labels, model_dir, data_root)
     check_split(data_cfg, split, list(art.labels), key="--split")  # one line now, not a traceback after the loop
     loader = build_eval_loader(data_cfg, split, art.tokenizer, batch_size, num_workers,

@@ -162,7 +162,8 @@ def test_val_or_test_reading_train_shards_is_refused(tmp_path):
 
 
 def test_missing_root_and_unreadable_tar_name_the_path(tmp_path):
-    assert refusal(run_cfg(tmp_path / "nope")) == f"data.root entry '{tmp_path / 'nope'}' does not exist"
+    assert refusal(run_cfg(tmp_path / "nope")) == (f"data.root entry '{tmp_path / 'nope'}' does not exist (not a "
+                                                   f"directory or a shard pattern)")
     pattern = str(tmp_path / "nope" / "{split}" / "*.tar")
     assert refusal(run_cfg(pattern)) == f"data.root entry '{pattern}' does not exist (no {tmp_path / 'nope'})"
     write_packed(tmp_path / "d", {"train": [4, 5], "val": [3], "test": [3]})

@@ -84,6 +84,16 @@ def test_eval_where_every_sample_would_be_skipped_says_so(no_test_run, tmp_path)
         f"{tmp_path / 'd' / 'test' / 'shard-000000.tar'}: missing member 'cls')")
 
 
+def test_eval_of_data_that_does_not_exist_names_it(no_test_run, tmp_path):
+    from mmcat.data import DataError
+    from mmcat.evaluate import evaluate_artifact
+
+    with pytest.raises(DataError) as err:  # not "no labels file found (looked for ...)"
+        evaluate_artifact(str(no_test_run / "best"), str(tmp_path / "nope"), out=str(tmp_path / "m.json"))
+    assert str(err.value) == f"--data entry '{tmp_path / 'nope'}' does not exist (not a directory or a shard pattern)"
+    assert not (tmp_path / "m.json").exists()
+
+
 def test_evaluating_nothing_is_a_one_line_data_error():
     """The evaluation loop itself (library callers): no batch at all is a DataError, not scikit-learn's error."""
     import torch
@@ -93,4 +103,4 @@ def test_evaluating_nothing_is_a_one_line_data_error():
     from mmcat.evaluation import evaluate
 
     with pytest.raises(DataError, match="^nothing to evaluate: every sample was skipped"):
-        evaluate(torch.nn.Linear(1, 1), [], Accelerator(cpu=True), LABELS, dummy={})
+        evaluate(torch.nn.Linear(1, 1), [], Accelerator(), LABELS, dummy={})

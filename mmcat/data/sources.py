@@ -54,13 +54,14 @@ def _fixed_dir(entry: str) -> Path:
     return Path(os.path.dirname(fixed) or ".")
 
 
-def check_root_exists(entry: str) -> None:
+def check_root_exists(entry: str, setting: str = "data.root") -> None:
     """A packed directory, or the fixed directory of a pattern, must exist (else every split looks "missing")."""
     where = Path(entry) if not _is_pattern(entry) else _fixed_dir(entry)
     if not where.exists():
-        raise DataError(f"data.root entry '{entry}' does not exist" + ("" if where == Path(entry) else f" (no {where})"))
+        why = f"no {where}" if _is_pattern(entry) else "not a directory or a shard pattern"
+        raise DataError(f"{setting} entry '{entry}' does not exist ({why})")
     if not _is_pattern(entry) and not where.is_dir():
-        raise DataError(f"data.root entry '{entry}' is not a directory or a shard pattern")
+        raise DataError(f"{setting} entry '{entry}' is not a directory or a shard pattern")
 
 
 def _expand(entry: str, split: str) -> List[str]:
