@@ -104,3 +104,21 @@ def test_evaluating_nothing_is_a_one_line_data_error():
 
     with pytest.raises(DataError, match="^nothing to evaluate: every sample was skipped"):
         evaluate(torch.nn.Linear(1, 1), [], Accelerator(), LABELS, dummy={})
+
+
+def test_zero3_always_gathers_weights_for_the_best_export(monkeypatch, caplog):
+    """The plugin config mmcat builds: ZeRO-3 gets stage3_gather_16bit_weights_on_model_save (the end-to-end run
+    with launcher flags only is test_deepspeed's bf16 test); an explicit false is overridden with a warning."""
+    from mmcat.train.accel import _gather_weights_for_export
+
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", raising=False)
+    flags_only = {"zero_optimization": {"stage": 3}}
+    _gather_weights_for_export(flags_only, None)
+    assert flags_only == {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}
+    zero2 = {"zero_optimization": {"stage": 2}}
+    _gather_weights_for_export(zero2, None)
+    assert zero2 == {"zero_optimization": {"stage": 2}}
+    said_false = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}}
+    _gather_weights_for_export(said_false, "ds.json")
+    assert said_false["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert "DeepSpeed config ds.json says stage3_gather_16bit_weights_on_model_save=false" in caplog.text

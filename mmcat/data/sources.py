@@ -361,10 +361,12 @@ def _check_text_length(cfg: Any) -> None:
     from mmcat.models.text import resolve_text_model
 
     folder = Path(resolve_text_model(str(cfg.model.text.name)))
-    conf = _read_json(folder / "config.json") if folder.is_dir() else None
-    limits = [int(conf["max_position_embeddings"])] if isinstance(conf, dict) and conf.get("max_position_embeddings") else []
-    tok = _read_json(folder / "tokenizer_config.json") if folder.is_dir() else None
-    if isinstance(tok, dict) and isinstance(tok.get("model_max_length"), int) and tok["model_max_length"] < 10**6:
+    if not folder.is_dir():
+        return
+    conf = _read_json(folder / "config.json") or {}
+    tok = _read_json(folder / "tokenizer_config.json") or {}
+    limits = [int(conf["max_position_embeddings"])] if isinstance(conf.get("max_position_embeddings"), int) else []
+    if isinstance(tok.get("model_max_length"), int) and tok["model_max_length"] < 10**6:  # else "no limit" sentinel
         limits.append(tok["model_max_length"])  # e.g. RoBERTa: 514 positions, 512 tokens
     if limits and int(cfg.data.max_text_length) > min(limits):
         raise ConfigError(f"config key 'data.max_text_length': {cfg.data.max_text_length} is more than the "

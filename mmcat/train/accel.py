@@ -115,7 +115,7 @@ def _gather_weights_for_export(ds_config: Dict[str, Any], path: Any) -> None:
         return
     launcher = os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "").lower()
     if zero.get(_GATHER_KEY) is False or launcher == "false":
-        where = f"DeepSpeed config {path}" if zero.get(_GATHER_KEY) is False else "the launcher's zero3_save_16bit_model"
+        where = f"DeepSpeed config {path}" if zero.get(_GATHER_KEY) is False else "the launcher"
         log.warning("%s says %s=false: set to true, best/ is exported from the gathered weights", where, _GATHER_KEY)
     zero[_GATHER_KEY] = True
 
