@@ -57,6 +57,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return evaluate_cli(args)
 
 
+def _at_least(low: int):
+    """argparse type: an int >= ``low`` (argparse then reports a bad value in one line, exit 2)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its message for a non-number: "invalid int value"
+    return parse
+
+
 def _flag_overrides(args: argparse.Namespace, names: tuple) -> List[str]:
     return [f"{n}={getattr(args, n)}" for n in names if getattr(args, n, None) is not None]
 
@@ -102,11 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="fused / image-only / text-only metrics of a trained model")
     p.add_argument("--model", required=True, help="artifact dir (RUN_DIR/best)")
-    p.add_argument("--data", required=True, help="packed dataset dir")
+    p.add_argument("--data", required=True, help="packed dataset dir or shard pattern (like data.root)")
     p.add_argument("--split", default="test")
-    p.add_argument("--out", help="write metrics JSON here")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
-    p.add_argument("--num-workers", dest="num_workers", type=int, default=0)
+    p.add_argument("--label-key", dest="label_key",
+                   help="cls, or json:<field> for shards written by other tools (default: the model's data.label_key)")
+    p.add_argument("--out", help="write metrics JSON here (missing folders are created)")
+    p.add_argument("--batch-size", dest="batch_size", type=_at_least(1), default=64)
+    p.add_argument("--num-workers", dest="num_workers", type=_at_least(0), default=0)
     p.set_defaults(func=_cmd_eval)
 
     return parser
@@ -124,23 +138,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"mmcat {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:
-        if not _is_user_error(exc):
+        code = _user_error_code(exc)
+        if code is None:
             raise
         # raised in a DataLoader worker, the message carries the worker's traceback: its last line is the error
         lines = [ln for ln in str(exc).splitlines() if ln.strip()]
         print(f"mmcat {args.command}: error: {lines[-1] if lines else type(exc).__name__}", file=sys.stderr)
-        return 1
+        return code
 
 
-def _is_user_error(exc: Exception) -> bool:
-    """Bad data or a missing model: one line for the user, not a traceback (only modules already imported)."""
-    known = []
-    for module, name in (("mmcat.data.sources", "DataError"), ("mmcat.data.samples", "BadSampleError"),
-                         ("mmcat.models.text", "ModelLoadError"), ("mmcat.models.image", "ModelLoadError")):
+def _user_error_code(exc: Exception) -> Optional[int]:
+    """Bad settings (data paths, splits, labels, a model that cannot be found) exit 2 like a config error; bad
+    sample content met during the work (``data.strict``) exits 1; anything else is a bug: traceback. Only modules
+    already imported are consulted (a class that was never imported cannot have been raised)."""
+    for module, name, code in (("mmcat.data.sources", "DataError", EXIT_CONFIG_ERROR),
+                               ("mmcat.models.text", "ModelLoadError", EXIT_CONFIG_ERROR),
+                               ("mmcat.models.image", "ModelLoadError", EXIT_CONFIG_ERROR),
+                               ("mmcat.data.samples", "BadSampleError", 1)):
         cls = getattr(sys.modules.get(module), name, None)
-        if cls is not None:
-            known.append(cls)
-    return isinstance(exc, tuple(known))
+        if cls is not None and isinstance(exc, cls):
+            return code
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -67,8 +67,8 @@ class DataConfig:
     root: str = MISSING
     weights: Optional[List[float]] = None  # per-root sampling weights (resampled mode)
     train_split: str = "train"
-    val_split: str = "val"
-    test_split: str = "test"
+    val_split: str = "val"  # model selection (best/) and early stopping: required
+    test_split: Optional[str] = "test"  # null: train without a test split (metrics.json then has no test section)
     image_size: int = 224
     # random-resized-crop area range [min_crop_scale, 1]: ImageNet's 0.08 cuts most of a centred product away
     min_crop_scale: float = 0.35
@@ -79,7 +79,8 @@ class DataConfig:
     samples_per_epoch: Optional[int] = None  # required with resampled when sizes.json is absent
     strict: bool = False  # fail on the first bad sample instead of skipping and counting it
     label_key: str = "cls"  # "cls" or "json:<field>" for shards written by other tools
-    labels_file: Optional[str] = None  # labels.json; default: <root>/labels.json
+    # labels.json (JSON list) or one label per line, like `pack --labels`; default: a labels.json next to the shards
+    labels_file: Optional[str] = None
     prefetch_factor: int = 2
     # pixels leave the loader as uint8 and the model normalises them on the device (4x less IPC / H2D copy);
     # null = uint8 when CUDA is available, normalised float32 from the workers on CPU-only machines
@@ -182,6 +183,8 @@ def load_config(
             if missing:
                 raise ConfigError(f"config key '{missing[0]}' is required but not set")
         _check_choices(cfg)
+        _check_ranges(cfg)
+        _check_label_key(cfg)
     except OmegaConfBaseException as exc:
         raise _fail(exc) from None
     return cfg  # type: ignore[return-value]  # a DictConfig typed as the schema (attribute access works)
@@ -203,6 +206,74 @@ def _check_choices(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and str(value) not in allowed:
             raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(allowed)}")
+
+
+# numeric keys and their valid range (dotted path relative to the schema root): (low, high, bounds), where None is
+# "unbounded" and bounds says which ends are included ("[]", "[)", "(]", "()"). A value outside gives one line
+# naming the key, before any work (today's alternative: ZeroDivisionError, IndexError or cv2.error mid-run).
+RANGES: Dict[str, Tuple[Optional[float], Optional[float], str]] = {
+    "seed": (0, 2**32 - 1, "[]"),  # numpy's seed range
+    "data.image_size": (1, None, "[]"),
+    "data.min_crop_scale": (0, 1, "(]"),
+    "data.max_text_length": (3, None, "[]"),  # [CLS] + one token + [SEP]; below the special tokens HF ignores it
+    "data.num_workers": (0, None, "[]"),
+    "data.shuffle_buffer": (0, None, "[]"),
+    "data.samples_per_epoch": (1, None, "[]"),
+    "data.prefetch_factor": (1, None, "[]"),
+    "model.hidden_dim": (1, None, "[]"),
+    "model.dropout": (0, 1, "[)"),
+    "model.modality_dropout": (0, 1, "[]"),
+    "train.batch_size": (1, None, "[]"),
+    "train.grad_accum": (1, None, "[]"),
+    "train.epochs": (1, None, "[]"),
+    "train.max_steps": (0, None, "[]"),
+    "train.lr": (0, None, "[]"),
+    "train.lr_image": (0, None, "[]"),
+    "train.lr_text": (0, None, "[]"),
+    "train.weight_decay": (0, None, "[]"),
+    "train.warmup_steps": (0, None, "[]"),
+    "train.clip_grad_norm": (0, None, "[]"),
+    "train.label_smoothing": (0, 1, "[)"),
+    "train.freeze_backbones_steps": (0, None, "[]"),
+    "train.eval_every": (0, None, "[]"),
+    "train.save_every": (0, None, "[]"),
+    "train.keep_checkpoints": (0, None, "[]"),  # 0 = keep all
+    "train.early_stopping_patience": (0, None, "[]"),
+    "train.log_every": (1, None, "[]"),
+}
+
+
+def _range_text(low: Optional[float], high: Optional[float], bounds: str) -> str:
+    if high is None:
+        return f"must be {'>=' if bounds[0] == '[' else '>'} {low}"
+    if low is None:
+        return f"must be {'<=' if bounds[1] == ']' else '<'} {high}"
+    return f"must be in {bounds[0]}{low}, {high}{bounds[1]}"
+
+
+def _in_range(value: float, low: Optional[float], high: Optional[float], bounds: str) -> bool:
+    # written so that NaN fails every comparison, i.e. is out of range
+    above = low is None or (value >= low if bounds[0] == "[" else value > low)
+    below = high is None or (value <= high if bounds[1] == "]" else value < high)
+    return bool(above and below)
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    for key, (low, high, bounds) in RANGES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not _in_range(value, low, high, bounds):
+            raise ConfigError(f"config key '{key}': {_range_text(low, high, bounds)}, got {value}")
+
+
+def _check_label_key(cfg: DictConfig) -> None:
+    value = OmegaConf.select(cfg, "data.label_key", default=None)
+    if value is not None:
+        check_label_key(value, "config key 'data.label_key'")
+
+
+def check_label_key(value: str, where: str) -> None:
+    if value != "cls" and not (value.startswith("json:") and len(value) > len("json:")):
+        raise ConfigError(f"{where}: must be 'cls' or 'json:<field>', got '{value}'")
 
 
 def to_yaml(cfg: Any) -> str:

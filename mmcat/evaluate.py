@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -13,19 +14,46 @@ from mmcat.evaluation import dummy_batch, evaluate
 from mmcat.metrics import MODES, format_table, summary
 from mmcat.train.accel import multi_cpu_ddp, process_group_kwargs
 
+log = logging.getLogger(__name__)
+
+
+def _use_model_labels(data_cfg, model_labels, model_dir: str, data_root: str) -> None:
+    """The shards' label list must be the model's (a class index has to mean what the model's output means). Shards
+    from other tools may come without labels.json: ``json:<field>`` labels (names) are then mapped through the
+    model's own labels.json; ``cls`` indices without a labels file cannot be checked, so that stays an error."""
+    from mmcat.config import ConfigError
+    from mmcat.data.sources import find_labels, read_labels
+
+    labels = find_labels(data_cfg)
+    if labels is None and str(data_cfg.label_key).startswith("json:"):
+        log.info("no labels.json next to %s: mapping label names through %s/labels.json", data_root, model_dir)
+        data_cfg.labels_file = str(Path(model_dir) / "labels.json")
+        return
+    if labels is None:
+        read_labels(data_cfg)  # raises the one-line "no labels file found (looked for ...)"
+    if labels != list(model_labels):
+        raise ConfigError(f"{data_root}: labels.json differs from the model's labels ({model_dir}/labels.json)")
+
 
 def evaluate_artifact(model_dir: str, data_root: str, split: str = "test", batch_size: int = 64,
-                      num_workers: int = 0, out: Optional[str] = None) -> Dict:
-    from mmcat.config import ConfigError
-    from mmcat.data import build_eval_loader, read_labels
+                      num_workers: int = 0, out: Optional[str] = None, label_key: Optional[str] = None) -> Dict:
+    from mmcat.config import check_label_key
+    from mmcat.data import build_eval_loader
+    from mmcat.data.sources import check_root_exists, check_split, root_entries
 
+    if label_key is not None:
+        check_label_key(label_key, "--label-key")
     acc = Accelerator(cpu=multi_cpu_ddp(), kwargs_handlers=process_group_kwargs())
     art = load_artifact(model_dir, device=acc.device)
     data_cfg = art.cfg.data.copy()
     data_cfg.root = data_root
     data_cfg.labels_file = None
-    if read_labels(data_cfg) != art.labels:  # label indices in the shards must mean what the model's outputs mean
-        raise ConfigError(f"{data_root}: labels.json differs from the model's labels ({model_dir}/labels.json)")
+    if label_key is not None:
+        data_cfg.label_key = label_key
+    for entry in root_entries(data_cfg):
+        check_root_exists(entry, "--data")
+    _use_model_labels(data_cfg, art.labels, model_dir, data_root)
+    check_split(data_cfg, split, list(art.labels), key="--split")  # one line now, not a traceback after the loop
     loader = build_eval_loader(data_cfg, split, art.tokenizer, batch_size, num_workers,
                                rank=acc.process_index, world_size=acc.num_processes)
     res = evaluate(art.model, loader, acc, art.labels, dummy_batch(art.tokenizer, data_cfg.image_size))
@@ -36,10 +64,12 @@ def evaluate_artifact(model_dir: str, data_root: str, split: str = "test", batch
     if acc.is_main_process:
         print(format_table(res, title=f"[{split}] {model_dir}"), flush=True)
         if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(json.dumps(report, indent=2))
     return report
 
 
 def evaluate_cli(args: argparse.Namespace) -> int:
-    evaluate_artifact(args.model, args.data, args.split, args.batch_size, args.num_workers, args.out)
+    evaluate_artifact(args.model, args.data, args.split, args.batch_size, args.num_workers, args.out,
+                      label_key=args.label_key)
     return 0

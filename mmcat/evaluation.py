@@ -15,6 +15,7 @@ import torch
 from accelerate.utils import send_to_device
 
 from mmcat.data.loader import iterate_batches
+from mmcat.data.sources import DataError
 from mmcat.metrics import MODES, classification_metrics
 
 
@@ -83,9 +84,13 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelera
     model.train(was_training)
 
     all_targets = accelerator.gather_for_metrics(targets, use_gather_object=True)
+    total_skipped = int(sum(accelerator.gather_for_metrics([skipped], use_gather_object=True)))
+    if not all_targets:  # every rank sees the same gathered lists, so all of them stop here together
+        raise DataError("nothing to evaluate: every sample was skipped as bad (the warnings above say why, "
+                        "e.g. a missing label member)")
     results: Dict[str, Dict] = {}
     for mode in modes:
         all_preds = accelerator.gather_for_metrics(preds[mode], use_gather_object=True)
         results[mode] = classification_metrics(all_targets, all_preds, labels)
-    results["skipped_samples"] = int(sum(accelerator.gather_for_metrics([skipped], use_gather_object=True)))
+    results["skipped_samples"] = total_skipped
     return results

@@ -53,3 +53,56 @@ def test_cli_config_error_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("mmcat train: error: config key 'train.epochz'"), proc.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=0", "config key 'train.batch_size': must be >= 1, got 0"),
+    ("train.grad_accum=0", "config key 'train.grad_accum': must be >= 1, got 0"),
+    ("train.log_every=0", "config key 'train.log_every': must be >= 1, got 0"),
+    ("train.epochs=0", "config key 'train.epochs': must be >= 1, got 0"),
+    ("train.max_steps=-1", "config key 'train.max_steps': must be >= 0, got -1"),
+    ("train.warmup_steps=-5", "config key 'train.warmup_steps': must be >= 0, got -5"),
+    ("train.lr=-0.001", "config key 'train.lr': must be >= 0, got -0.001"),
+    ("train.lr_image=nan", "config key 'train.lr_image': must be >= 0, got nan"),
+    ("train.label_smoothing=1.0", "config key 'train.label_smoothing': must be in [0, 1), got 1.0"),
+    ("train.keep_checkpoints=-1", "config key 'train.keep_checkpoints': must be >= 0, got -1"),
+    ("model.dropout=1.0", "config key 'model.dropout': must be in [0, 1), got 1.0"),
+    ("model.dropout=-0.1", "config key 'model.dropout': must be in [0, 1), got -0.1"),
+    ("model.modality_dropout=1.5", "config key 'model.modality_dropout': must be in [0, 1], got 1.5"),
+    ("model.hidden_dim=0", "config key 'model.hidden_dim': must be >= 1, got 0"),
+    ("data.image_size=0", "config key 'data.image_size': must be >= 1, got 0"),
+    ("data.max_text_length=1", "config key 'data.max_text_length': must be >= 3, got 1"),
+    ("data.min_crop_scale=0", "config key 'data.min_crop_scale': must be in (0, 1], got 0.0"),
+    ("data.min_crop_scale=1.2", "config key 'data.min_crop_scale': must be in (0, 1], got 1.2"),
+    ("data.num_workers=-1", "config key 'data.num_workers': must be >= 0, got -1"),
+    ("data.shuffle_buffer=-1", "config key 'data.shuffle_buffer': must be >= 0, got -1"),
+    ("data.prefetch_factor=0", "config key 'data.prefetch_factor': must be >= 1, got 0"),
+    ("data.samples_per_epoch=0", "config key 'data.samples_per_epoch': must be >= 1, got 0"),
+    ("seed=-1", "config key 'seed': must be in [0, 4294967295], got -1"),
+    ("data.label_key=txt", "config key 'data.label_key': must be 'cls' or 'json:<field>', got 'txt'"),
+    ("data.label_key=jsn:x", "config key 'data.label_key': must be 'cls' or 'json:<field>', got 'jsn:x'"),
+])
+def test_values_out_of_range_are_refused_with_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainRunConfig, None, ["data.root=/d", "output_dir=/o", override])
+    assert str(err.value) == message
+
+
+def test_range_edges_that_are_valid_pass():
+    """The lowest valid value of each bounded key loads (0 = off / none for the step counters)."""
+    cfg = load_config(TrainRunConfig, None, [
+        "data.root=/d", "output_dir=/o", "train.lr=0", "train.max_steps=0", "train.keep_checkpoints=0",
+        "model.dropout=0", "model.modality_dropout=1.0", "data.min_crop_scale=1.0", "data.num_workers=0",
+        "data.max_text_length=3", "train.label_smoothing=0.99", "data.test_split=null", "data.label_key=json:cat"])
+    assert cfg.data.test_split is None and cfg.model.modality_dropout == 1.0 and cfg.data.label_key == "json:cat"
+
+
+def test_every_range_key_exists_in_the_train_schema():
+    """A typo in the table would silently check nothing."""
+    from omegaconf import OmegaConf
+
+    from mmcat.config import RANGES
+
+    full = OmegaConf.structured(TrainRunConfig)
+    for key in RANGES:
+        assert OmegaConf.select(full, key, default="<absent>") != "<absent>", key

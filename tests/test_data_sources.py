@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from _shards import LABELS, write_img2dataset, write_packed
+from _shards import LABELS, write_img2dataset, write_packed, write_split
 from mmcat.config import TrainRunConfig, load_config
 from mmcat.data import DataError, label_counts, read_labels, split_sizes
 from mmcat.data.samples import BadSample, LabelReader, decode_image, jpeg_size
@@ -110,3 +110,129 @@ def test_transforms_shapes_determinism_and_normalisation():
     colour = np.zeros((4, 4, 3), np.uint8)
     colour[..., 0] = 200
     assert np.ptp(color_jitter(colour, 1.0, 1.0, 0.8)[0, 0]) < 200  # saturation pulls towards grey
+
+
+# ------------------------------------------------------------------------------ pre-flight refusals (check_data)
+def run_cfg(root, *overrides):
+    return load_config(TrainRunConfig, None, [f"data.root={root}", "output_dir=/unused", *overrides])
+
+
+def refusal(cfg) -> str:
+    from mmcat.data.sources import check_data
+
+    with pytest.raises(DataError) as err:
+        check_data(cfg)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_check_data_passes_and_counts_each_split(tmp_path):
+    from mmcat.data.sources import check_data
+
+    write_packed(tmp_path, {"train": [4, 5], "val": [3], "test": [2]})
+    assert check_data(run_cfg(tmp_path)) == {"train": 9, "val": 3, "test": 2}
+    pattern = str(tmp_path / "{split}" / "shard-*.tar")
+    assert check_data(run_cfg(pattern)) == {"train": 9, "val": 3, "test": 2}
+
+
+def test_missing_or_empty_val_and_test_splits_are_refused(tmp_path):
+    from mmcat.data.sources import check_data
+
+    write_packed(tmp_path, {"train": [4, 5], "val": [3]})
+    msg = refusal(run_cfg(tmp_path))
+    assert msg.startswith("data.test_split 'test': no 'test' split in") and "data.test_split=null" in msg
+    # no test split wanted: fine, and nothing is counted for it
+    assert check_data(run_cfg(tmp_path, "data.test_split=null")) == {"train": 9, "val": 3}
+    assert refusal(run_cfg(tmp_path, "data.val_split=valid")).startswith("data.val_split 'valid': no 'valid' split")
+    # a val split whose shards hold nothing (an empty tar, sizes.json says 0)
+    write_split(tmp_path, "val", [0])
+    assert refusal(run_cfg(tmp_path, "data.test_split=null")) == (
+        f"data.val_split 'val' has no samples (1 shard(s), e.g. {tmp_path / 'val' / 'shard-000000.tar'})")
+
+
+def test_val_or_test_reading_train_shards_is_refused(tmp_path):
+    write_packed(tmp_path, {"train": [4, 5], "val": [3], "test": [3]})
+    # a pattern without {split}: every split resolves to the train shards
+    msg = refusal(run_cfg(str(tmp_path / "train" / "shard-*.tar")))
+    assert msg.startswith("data.val_split 'val' reads 2 shard(s) of data.train_split 'train'") and "{split}" in msg
+    # the same through a symlink: compared by resolved path
+    (tmp_path / "test").rename(tmp_path / "test_real")
+    (tmp_path / "test").symlink_to(tmp_path / "val")
+    assert refusal(run_cfg(tmp_path)).startswith("data.test_split 'test' reads 1 shard(s) of data.val_split 'val'")
+
+
+def test_missing_root_and_unreadable_tar_name_the_path(tmp_path):
+    assert refusal(run_cfg(tmp_path / "nope")) == (f"data.root entry '{tmp_path / 'nope'}' does not exist (not a "
+                                                   f"directory or a shard pattern)")
+    pattern = str(tmp_path / "nope" / "{split}" / "*.tar")
+    assert refusal(run_cfg(pattern)) == f"data.root entry '{pattern}' does not exist (no {tmp_path / 'nope'})"
+    write_packed(tmp_path / "d", {"train": [4, 5], "val": [3], "test": [3]})
+    (tmp_path / "d" / "val" / "sizes.json").unlink()  # sizes now come from the tar headers
+    (tmp_path / "d" / "val" / "shard-000001.tar").write_text("not a tar file at all\n" * 50)
+    msg = refusal(run_cfg(tmp_path / "d"))
+    assert msg.startswith(f"data.val_split 'val': shard {tmp_path / 'd' / 'val' / 'shard-000001.tar'} is not a "
+                          f"readable tar file")
+
+
+def test_split_where_every_sample_would_be_skipped_is_refused(tmp_path):
+    from mmcat.data.sources import check_data
+
+    write_packed(tmp_path, {"train": [4], "val": [3], "test": [3]})
+    write_split(tmp_path, "test", [3], start=7, bad={f"p{i:05d}": "no_cls" for i in range(7, 10)})
+    msg = refusal(run_cfg(tmp_path))
+    assert msg == (f"data.test_split 'test': all 3 samples would be skipped (label key 'cls'; first: p00007 in "
+                   f"{tmp_path / 'test' / 'shard-000000.tar'}: missing member 'cls')")
+    # one usable sample is enough (the others are skipped and counted while training)
+    write_split(tmp_path, "test", [3], start=7, bad={"p00007": "no_cls", "p00008": "no_cls"})
+    assert check_data(run_cfg(tmp_path))["test"] == 3
+    # the label name in the json member works where cls does not, a field that no sample has does not
+    assert check_data(run_cfg(tmp_path, "data.label_key=json:label"))["train"] == 4
+    assert "json member has no 'category' field" in refusal(run_cfg(tmp_path, "data.label_key=json:category"))
+
+
+def test_max_text_length_beyond_the_text_model_positions(tmp_path):
+    from mmcat.config import ConfigError
+    from mmcat.data.sources import check_data
+
+    write_packed(tmp_path / "d", {"train": [4], "val": [3], "test": [3]})
+    model = tmp_path / "bert"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": 40}))
+    assert check_data(run_cfg(tmp_path / "d", f"model.text.name={model}", "data.max_text_length=40"))
+    with pytest.raises(ConfigError, match=r"^config key 'data.max_text_length': 41 is more than the 40 tokens"):
+        check_data(run_cfg(tmp_path / "d", f"model.text.name={model}", "data.max_text_length=41"))
+
+
+# ------------------------------------------------------------------------------------------ labels files
+def test_labels_file_takes_the_pack_formats(tmp_path):
+    write_packed(tmp_path, {"train": [4]})
+    (tmp_path / "labels.txt").write_text("shoes\nbags\n\nhats\n")
+    assert read_labels(data_cfg(tmp_path, f"data.labels_file={tmp_path / 'labels.txt'}")) == LABELS
+    (tmp_path / "mine.json").write_text(json.dumps(LABELS))
+    assert read_labels(data_cfg(tmp_path, f"data.labels_file={tmp_path / 'mine.json'}")) == LABELS
+    (tmp_path / "dup.txt").write_text("shoes\nshoes\n")
+    with pytest.raises(DataError, match=r"^labels file .*dup.txt: needs at least one label and no duplicates$"):
+        read_labels(data_cfg(tmp_path, f"data.labels_file={tmp_path / 'dup.txt'}"))
+    with pytest.raises(DataError, match=r"^data.labels_file '.*nope.json' does not exist$"):
+        read_labels(data_cfg(tmp_path, f"data.labels_file={tmp_path / 'nope.json'}"))
+
+
+def test_labels_json_next_to_pattern_shards(tmp_path):
+    """A shard pattern finds labels.json in the directory of its shards ({split} filled in), else one above."""
+    write_packed(tmp_path / "d", {"train": [4], "val": [3]})
+    pattern = str(tmp_path / "d" / "{split}" / "shard-*.tar")
+    assert read_labels(data_cfg(pattern)) == LABELS  # d/labels.json, above the {split} directory
+    (tmp_path / "d" / "labels.json").unlink()
+    (tmp_path / "d" / "train" / "labels.json").write_text(json.dumps(["x", "y", "z"]))
+    assert read_labels(data_cfg(pattern)) == ["x", "y", "z"]  # next to the shards
+    i2d = tmp_path / "i2d"
+    write_img2dataset(i2d, [3])
+    (i2d / "labels.json").write_text(json.dumps(LABELS))
+    assert read_labels(data_cfg(str(i2d / "*.tar"))) == LABELS
+
+
+def test_roots_with_different_labels_are_refused(tmp_path):
+    write_packed(tmp_path / "a", {"train": [2]})
+    write_packed(tmp_path / "b", {"train": [2]}, labels=["bags", "shoes", "hats"])
+    with pytest.raises(DataError, match=r"b/labels.json differs from .*a/labels.json"):
+        read_labels(data_cfg(f"{tmp_path / 'a'},{tmp_path / 'b'}"))

@@ -13,9 +13,10 @@ import logging
 import os
 import re
 import tarfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import braceexpand
 
@@ -47,11 +48,26 @@ def _is_pattern(entry: str) -> bool:
     return any(c in entry for c in "{*?[") or entry.endswith(".tar")
 
 
+def _fixed_dir(entry: str) -> Path:
+    """The directory part of a shard pattern before any brace or glob (``/d/{split}/s-{0..9}.tar`` -> ``/d``)."""
+    fixed = re.split(r"[{*?\[]", entry, maxsplit=1)[0]
+    return Path(os.path.dirname(fixed) or ".")
+
+
+def check_root_exists(entry: str, setting: str = "data.root") -> None:
+    """A packed directory, or the fixed directory of a pattern, must exist (else every split looks "missing")."""
+    where = Path(entry) if not _is_pattern(entry) else _fixed_dir(entry)
+    if not where.exists():
+        why = f"no {where}" if _is_pattern(entry) else "not a directory or a shard pattern"
+        raise DataError(f"{setting} entry '{entry}' does not exist ({why})")
+    if not _is_pattern(entry) and not where.is_dir():
+        raise DataError(f"{setting} entry '{entry}' is not a directory or a shard pattern")
+
+
 def _expand(entry: str, split: str) -> List[str]:
+    check_root_exists(entry)
     if not _is_pattern(entry):
         split_dir = Path(entry) / split
-        if not Path(entry).is_dir():
-            raise DataError(f"data.root entry '{entry}' is not a directory or a shard pattern")
         if not split_dir.is_dir():
             raise DataError(f"no '{split}' split in {entry} (expected {split_dir}/*.tar)")
         shards = sorted(str(p.resolve()) for p in split_dir.glob("*.tar"))
@@ -92,10 +108,20 @@ def _known_sizes(shards: Sequence[str]) -> Dict[str, int]:
     return {s: sizes[s] for s in shards if s in sizes}
 
 
+@contextmanager
+def _open_tar(shard: str) -> Iterator[tarfile.TarFile]:
+    """An uncompressed tar for reading; a file that is not one (or cannot be read) is a one-line DataError."""
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            yield tar
+    except (tarfile.TarError, OSError) as exc:
+        raise DataError(f"shard {shard} is not a readable tar file ({exc})") from None
+
+
 def count_tar_samples(shard: str) -> int:
     """Count samples (distinct keys) by reading tar headers only; used when no size table exists."""
     keys = set()
-    with tarfile.open(shard, "r:") as tar:
+    with _open_tar(shard) as tar:
         for member in tar:
             if member.isreg() and not os.path.basename(member.name).startswith("__"):
                 keys.add(member.name.split(".", 1)[0])
@@ -134,36 +160,64 @@ def split_sizes(data_cfg: Any, split: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ labels
-def _label_dirs(data_cfg: Any) -> List[Path]:
-    """Directories where labels.json / manifest.json may live for each root entry."""
-    dirs = []
-    for entry in root_entries(data_cfg):
-        if _is_pattern(entry):
-            prefix = re.split(r"[{*?\[]", entry, maxsplit=1)[0]  # the fixed part before any pattern
-            base = Path(prefix) if prefix.endswith("/") else Path(prefix).parent
-            dirs += [base, base.parent]
-        else:
-            dirs.append(Path(entry))
-    return dirs
+def _label_dirs(entry: str, split: str) -> List[Path]:
+    """Where labels.json / manifest.json of one root entry may live, in order: a packed directory itself; for a
+    shard pattern the directory of its shards (``{split}`` filled in with ``split``), then the one above it (the
+    dataset directory of ``/d/{split}/*.tar`` or of ``/d/test/*.tar``)."""
+    if not _is_pattern(entry):
+        return [Path(entry)]
+    shard_dir = os.path.dirname(entry.replace("{split}", split))
+    base = Path(shard_dir or ".") if not re.search(r"[{*?\[]", shard_dir) else _fixed_dir(shard_dir + "/")
+    return [base] if base.parent == base else [base, base.parent]
+
+
+def _find(data_cfg: Any, entry: str, name: str) -> Optional[Path]:
+    return next((d / name for d in _label_dirs(entry, str(data_cfg.train_split)) if (d / name).is_file()), None)
+
+
+def load_label_list(path: Path) -> List[str]:
+    """A label list in either format ``pack --labels`` takes (JSON list, or one label per line)."""
+    from mmcat.config import ConfigError
+    from mmcat.pack.plan import read_label_whitelist  # the pack-side reader: one definition of the formats
+
+    try:
+        return read_label_whitelist(str(path))
+    except ConfigError as exc:
+        raise DataError(str(exc).replace("--labels ", "labels file ", 1)) from None
+
+
+def find_labels(data_cfg: Any) -> Optional[List[str]]:
+    """The ordered label list (index = class id) from ``data.labels_file`` or a labels.json next to the shards
+    (see :func:`_label_dirs`), None when there is none; with several root entries their labels.json must agree."""
+    if data_cfg.labels_file:
+        path = Path(data_cfg.labels_file)
+        if not path.is_file():
+            raise DataError(f"data.labels_file '{path}' does not exist")
+        return load_label_list(path)
+    found = [p for p in (_find(data_cfg, e, "labels.json") for e in root_entries(data_cfg)) if p is not None]
+    if not found:
+        return None
+    labels = load_label_list(found[0])
+    for other in found[1:]:
+        if load_label_list(other) != labels:  # the same class index would mean different classes per root
+            raise DataError(f"{other} differs from {found[0]}: the data.root entries disagree on the labels; "
+                            f"repack them with one `pack --labels` list, or set data.labels_file")
+    return labels
 
 
 def read_labels(data_cfg: Any) -> List[str]:
-    """The ordered label list (index = class id) from ``data.labels_file`` or ``<root>/labels.json``."""
-    candidates = [Path(data_cfg.labels_file)] if data_cfg.labels_file else [d / "labels.json" for d in _label_dirs(data_cfg)]
-    for path in candidates:
-        labels = _read_json(path)
-        if labels is not None:
-            if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-                raise DataError(f"{path} must hold a non-empty JSON list of label names")
-            return labels
-    where = ", ".join(str(p) for p in candidates)
-    raise DataError(f"no labels file found (looked for {where}); set data.labels_file=/path/to/labels.json")
+    """Like :func:`find_labels`, but a missing labels file is an error."""
+    labels = find_labels(data_cfg)
+    if labels is None:
+        where = ", ".join(str(d / "labels.json") for e in root_entries(data_cfg)
+                          for d in _label_dirs(e, str(data_cfg.train_split)))
+        raise DataError(f"no labels file found (looked for {where}); set data.labels_file=/path/to/labels.json")
+    return labels
 
 
 def read_manifest(data_cfg: Any) -> Optional[Dict[str, Any]]:
-    for d in _label_dirs(data_cfg)[:1]:
-        return _read_json(d / "manifest.json")
-    return None
+    path = _find(data_cfg, root_entries(data_cfg)[0], "manifest.json")
+    return _read_json(path) if path is not None else None
 
 
 def label_counts(data_cfg: Any, split: str) -> List[int]:
@@ -194,7 +248,7 @@ def _scan_label_counts(data_cfg: Any, split: str, labels: List[str]) -> List[int
     counts = [0] * len(labels)
     for shard in all_shards(shard_sources(data_cfg, split, count_missing=False)):
         members: Dict[str, Dict[str, bytes]] = {}
-        with tarfile.open(shard, "r:") as tar:
+        with _open_tar(shard) as tar:
             for m in tar:
                 key, _, ext = m.name.partition(".")
                 if m.isreg() and ext in ("cls", "json"):
@@ -210,3 +264,115 @@ def _scan_label_counts(data_cfg: Any, split: str, labels: List[str]) -> List[int
 def train_shard_sizes(data_cfg: Any) -> Dict[str, Optional[int]]:
     """Every train shard with its sample count (None when unknown): what the train stream is made of."""
     return {shard: src.sizes.get(shard) for src in shard_sources(data_cfg, data_cfg.train_split) for shard in src.shards}
+
+
+# ------------------------------------------------------------------------------------------------- pre-flight
+def check_data(cfg: Any) -> Dict[str, int]:
+    """Refuse bad data settings before any work, with one line naming the key or path (``DataError``, or
+    ``ConfigError`` for a setting the data cannot satisfy). Cheap: resolves the shard lists, reads the size tables
+    (or tar headers), reads the labels file and the first usable sample of each split.
+
+    Checks: every ``data.root`` entry exists; the train, val and test split (unless ``data.test_split`` is null)
+    have shards, readable tars and samples; val and test shards are not train shards (a pattern without
+    ``{split}`` gives every split the same shards) nor each other's; the labels file is readable; each split has a
+    sample with a usable label (e.g. no ``cls`` member at all with ``data.label_key=cls``); the text model has
+    positions for ``data.max_text_length`` tokens. Returns the samples per split.
+    """
+    data = cfg.data
+    for entry in root_entries(data):
+        check_root_exists(entry)
+    roles = [("data.train_split", data.train_split), ("data.val_split", data.val_split)]
+    if data.test_split is not None:
+        roles.append(("data.test_split", data.test_split))
+    shards: Dict[str, List[str]] = {}
+    samples: Dict[str, int] = {}
+    for key, split in roles:
+        sources = _split_sources(data, key, split)
+        shards[key], samples[split] = all_shards(sources), total_samples(sources)
+        if samples[split] == 0:
+            raise DataError(f"{key} '{split}' has no samples ({len(shards[key])} shard(s), e.g. {shards[key][0]})")
+    _check_disjoint(shards, dict(roles))
+    labels = read_labels(data)
+    for key, split in roles:
+        _check_usable_sample(data, labels, key, split, shards[key])
+    _check_text_length(cfg)
+    return samples
+
+
+def _split_sources(data: Any, key: str, split: str) -> List[ShardSource]:
+    try:
+        return shard_sources(data, split)
+    except DataError as exc:
+        hint = "; set data.test_split=null to train without a test split" if key == "data.test_split" else ""
+        raise DataError(f"{key} '{split}': {exc}{hint}") from None
+
+
+def _check_disjoint(shards: Dict[str, List[str]], splits: Dict[str, str]) -> None:
+    """Evaluation shards that are train (or val) shards would report metrics on data the model was fit (or
+    selected) on, silently; compared by resolved path so symlinks and relative paths cannot hide it."""
+    resolved = {key: {os.path.realpath(s) for s in paths} for key, paths in shards.items()}
+    keys = list(shards)
+    for i, key in enumerate(keys[1:], start=1):
+        for earlier in keys[:i]:
+            shared = sorted(resolved[key] & resolved[earlier])
+            if shared:
+                raise DataError(f"{key} '{splits[key]}' reads {len(shared)} shard(s) of {earlier} "
+                                f"'{splits[earlier]}' (e.g. {shared[0]}): its metrics would not be held out; "
+                                f"give each split its own shards (a data.root pattern needs {{split}})")
+
+
+def check_split(data: Any, split: str, labels: List[str], key: str) -> int:
+    """One split for evaluation: shards resolve and are readable, it has samples, one of them is usable. Returns
+    its number of samples; errors start with ``key`` (the setting that names the split)."""
+    sources = _split_sources(data, key, split)
+    shards, n = all_shards(sources), total_samples(sources)
+    if n == 0:
+        raise DataError(f"{key} '{split}' has no samples ({len(shards)} shard(s), e.g. {shards[0]})")
+    _check_usable_sample(data, labels, key, split, shards)
+    return n
+
+
+def _check_usable_sample(data: Any, labels: List[str], key: str, split: str, shards: List[str]) -> None:
+    """Read the split's samples in order until one is usable (label, image or text, image decodes): one sample in
+    the normal case, the whole split only when none is -- which the loader would otherwise skip one by one, and
+    training would end in an evaluation of nothing."""
+    import webdataset as wds
+
+    from mmcat.data.samples import BadSample, LabelReader, decode_image, parse_sample
+
+    reader = LabelReader(str(data.label_key), labels)
+    first_problem, seen = None, 0
+    for shard in shards:
+        try:
+            for raw in wds.tarfile_samples(iter([{"url": shard}])):
+                seen += 1
+                try:
+                    sample = parse_sample(raw, reader)
+                    if sample["image"] is not None:
+                        decode_image(sample["image"], int(data.image_size))
+                    return
+                except BadSample as exc:
+                    first_problem = first_problem or f"{raw.get('__key__')} in {shard}: {exc}"
+        except Exception as exc:  # an unreadable tar is skipped by the loader too; keep looking
+            first_problem = first_problem or f"{shard}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    raise DataError(f"{key} '{split}': all {seen} samples would be skipped (label key '{data.label_key}'; "
+                    f"first: {first_problem})")
+
+
+def _check_text_length(cfg: Any) -> None:
+    """Tokens beyond the text model's position table fail mid-run (IndexError); checked when the model is a local
+    folder (the offline default included), whose config.json says how many positions it has."""
+    from mmcat.config import ConfigError
+    from mmcat.models.text import resolve_text_model
+
+    folder = Path(resolve_text_model(str(cfg.model.text.name)))
+    if not folder.is_dir():
+        return
+    conf = _read_json(folder / "config.json") or {}
+    tok = _read_json(folder / "tokenizer_config.json") or {}
+    limits = [int(conf["max_position_embeddings"])] if isinstance(conf.get("max_position_embeddings"), int) else []
+    if isinstance(tok.get("model_max_length"), int) and tok["model_max_length"] < 10**6:  # else "no limit" sentinel
+        limits.append(tok["model_max_length"])  # e.g. RoBERTa: 514 positions, 512 tokens
+    if limits and int(cfg.data.max_text_length) > min(limits):
+        raise ConfigError(f"config key 'data.max_text_length': {cfg.data.max_text_length} is more than the "
+                          f"{min(limits)} tokens the text model {cfg.model.text.name} takes")

@@ -96,7 +96,28 @@ def _deepspeed_plugin(cfg: Any) -> DeepSpeedPlugin:
     if cfg.train.precision == "bf16":
         # DeepSpeed casts parameters to bf16 but keeps buffers as loaded (fp32): BatchNorm would then mix dtypes
         ds_config.setdefault("data_types", {}).setdefault("buffer_dtype", "bf16")
+    _gather_weights_for_export(ds_config, path)
     return DeepSpeedPlugin(hf_ds_config=ds_config)
+
+
+_GATHER_KEY = "stage3_gather_16bit_weights_on_model_save"
+
+
+def _gather_weights_for_export(ds_config: Dict[str, Any], path: Any) -> None:
+    """ZeRO-3: ``best/`` is written from the full weights that accelerate's ``get_state_dict`` gathers onto rank 0,
+    which DeepSpeed only allows with ``stage3_gather_16bit_weights_on_model_save`` -- false by default, so a run
+    chosen with launcher flags only (``--use_deepspeed --zero_stage 3``, no JSON) used to fail at its first export,
+    after a whole epoch. The key only decides whether weights may be gathered when saving (mmcat's checkpoints use
+    DeepSpeed's own sharded ``save_state``; the artifact is fp32 either way), so mmcat always sets it, and says so
+    when the JSON or the launcher had said false."""
+    zero = ds_config.setdefault("zero_optimization", {})
+    if str(zero.get("stage")) != "3":
+        return
+    launcher = os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "").lower()
+    if zero.get(_GATHER_KEY) is False or launcher == "false":
+        where = f"DeepSpeed config {path}" if zero.get(_GATHER_KEY) is False else "the launcher"
+        log.warning("%s says %s=false: set to true, best/ is exported from the gathered weights", where, _GATHER_KEY)
+    zero[_GATHER_KEY] = True
 
 
 def build_accelerator(cfg: Any) -> Accelerator:

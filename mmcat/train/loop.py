@@ -88,9 +88,11 @@ class Trainer:
 
     def __init__(self, cfg: Any) -> None:
         from mmcat.data import build_train_loader, label_counts, read_labels, train_shard_sizes
+        from mmcat.data.sources import check_data
         from mmcat.models import build_model
         from mmcat.models.text import load_tokenizer
 
+        check_data(cfg)  # bad data settings: one line before any work (splits, shards, labels)
         self.cfg = cfg
         self.accelerator = acc = build_accelerator(cfg)
         _setup_logging(acc.is_main_process)
@@ -350,7 +352,7 @@ class Trainer:
         with whole_model_init(acc):
             art = load_artifact(self.out / "best", device=acc.device)
         results: Dict[str, Any] = {}
-        for split in (self.cfg.data.val_split, self.cfg.data.test_split):
+        for split in filter(None, (self.cfg.data.val_split, self.cfg.data.test_split)):  # test_split may be null
             res = self.evaluate_split(split, model=art.model)
             if res is None:
                 return STOPPED  # the final checkpoint exists: a resumed run only repeats these evaluations
