@@ -240,6 +240,7 @@ RANGES: Dict[str, Tuple[Optional[float], Optional[float], str]] = {
     "train.keep_checkpoints": (0, None, "[]"),  # 0 = keep all
     "train.early_stopping_patience": (0, None, "[]"),
     "train.log_every": (1, None, "[]"),
+    "train.stop_after_steps": (0, None, "[]"),
 }
 
 

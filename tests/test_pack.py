@@ -16,7 +16,7 @@ import pytest
 import webdataset as wds
 
 from conftest import pack_config
-from mmcat.pack.tarkeys import tar_sample_keys
+from mmcat.tarkeys import tar_sample_keys
 
 
 def read_shards(packed: Path) -> dict:

@@ -224,7 +224,7 @@ def test_every_id_gets_its_own_key_and_joins_back_to_its_row(tmp_path: Path):
 def test_tar_sample_keys_follow_webdataset(tmp_path: Path):
     """Counting samples in a foreign tar: './' prefixes, dotted folders, '__' keys and meta members grouped the way
     webdataset's reader groups them, without reading member data."""
-    from mmcat.pack.tarkeys import tar_sample_keys
+    from mmcat.tarkeys import tar_sample_keys
 
     shard = tmp_path / "foreign.tar"
     names = ["./p1.jpg", "./p1.cls", "v1.2/p2.jpg", "v1.2/p2.cls", "__x.jpg", "__x.cls", "__meta__",

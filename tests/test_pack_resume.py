@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mmcat.config import ConfigError
-from mmcat.pack.tarkeys import tar_sample_keys
+from mmcat.tarkeys import tar_sample_keys
 
 from conftest import pack_config, synth_config
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
+import webdataset as wds
 
 from train_helpers import assert_same_run, free_port, metrics, run, sizes, torchrun_cmd, write_config
 
@@ -121,12 +122,9 @@ def read_split(split_dir: Path) -> Dict[str, Dict[str, bytes]]:
     sizes = json.loads((split_dir / "sizes.json").read_text())
     samples: Dict[str, Dict[str, bytes]] = {}
     for shard, n in sizes.items():
-        in_shard = set()
-        with tarfile.open(split_dir / shard) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-                in_shard.add(key)
+        in_shard = list(wds.tarfile_samples(iter([{"url": str(split_dir / shard)}])))  # webdataset's own grouping
+        for sample in in_shard:
+            samples[sample["__key__"]] = {k: v for k, v in sample.items() if not k.startswith("__")}
         assert len(in_shard) == n, f"{shard}: sizes.json says {n}, tar has {len(in_shard)}"
     return samples
 

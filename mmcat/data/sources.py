@@ -13,12 +13,12 @@ import logging
 import os
 import re
 import tarfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import braceexpand
+import webdataset as wds
 
 log = logging.getLogger(__name__)
 
@@ -108,24 +108,14 @@ def _known_sizes(shards: Sequence[str]) -> Dict[str, int]:
     return {s: sizes[s] for s in shards if s in sizes}
 
 
-@contextmanager
-def _open_tar(shard: str) -> Iterator[tarfile.TarFile]:
-    """An uncompressed tar for reading; a file that is not one (or cannot be read) is a one-line DataError."""
-    try:
-        with tarfile.open(shard, "r:") as tar:
-            yield tar
-    except (tarfile.TarError, OSError) as exc:
-        raise DataError(f"shard {shard} is not a readable tar file ({exc})") from None
-
-
 def count_tar_samples(shard: str) -> int:
-    """Count samples (distinct keys) by reading tar headers only; used when no size table exists."""
-    keys = set()
-    with _open_tar(shard) as tar:
-        for member in tar:
-            if member.isreg() and not os.path.basename(member.name).startswith("__"):
-                keys.add(member.name.split(".", 1)[0])
-    return len(keys)
+    """Count samples by reading tar headers only, grouped by webdataset's own rules; used without a size table."""
+    from mmcat.tarkeys import count_tar_samples as count
+
+    try:
+        return count(shard)
+    except (tarfile.TarError, OSError, ValueError) as exc:
+        raise DataError(f"shard {shard} is not a readable tar file ({exc})") from None
 
 
 def shard_sources(data_cfg: Any, split: str, count_missing: bool = True) -> List[ShardSource]:
@@ -245,15 +235,15 @@ def _scan_label_counts(data_cfg: Any, split: str, labels: List[str]) -> List[int
     from mmcat.data.samples import LabelReader  # local: keeps this module free of decode dependencies
 
     reader = LabelReader(data_cfg.label_key, labels)
+    member = "cls" if data_cfg.label_key == "cls" else "json"
     counts = [0] * len(labels)
     for shard in all_shards(shard_sources(data_cfg, split, count_missing=False)):
-        members: Dict[str, Dict[str, bytes]] = {}
-        with _open_tar(shard) as tar:
-            for m in tar:
-                key, _, ext = m.name.partition(".")
-                if m.isreg() and ext in ("cls", "json"):
-                    members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        for sample in members.values():
+        try:  # grouped by webdataset's own rules, reading only the label member's bytes
+            samples = list(wds.tarfile_samples(iter([{"url": shard}]),
+                                               select_files=lambda name: name.endswith("." + member)))
+        except Exception as exc:  # webdataset re-raises tarfile/OS errors as they come
+            raise DataError(f"shard {shard} is not a readable tar file ({exc})") from None
+        for sample in samples:
             try:
                 counts[reader(sample)] += 1
             except (ValueError, KeyError):
