@@ -15,7 +15,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
