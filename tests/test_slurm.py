@@ -248,7 +248,7 @@ def test_preempted_job_requeues_and_resumes(slurm_cluster, packed, tiny_text, tm
     node_log = (run_dir / "logs" / job / "node-0.log").read_text()
     first, sep, second = node_log.partition("] restart 1: ")  # the srun task prints SLURM_RESTART_COUNT too
     assert sep, dump_logs(logs)
-    m = re.search(r"stopped \(SIGUSR1\) at step (\d+): checkpoint saved in \S+; exiting for requeue \(exit 75\)",
+    m = re.search(r"stopped \(SIG(?:USR1|TERM)\) at step (\d+): checkpoint saved in \S+; exiting for requeue \(exit 75\)",
                   first)
     assert m, "the trainer did not checkpoint on the forwarded signal\n" + dump_logs(logs)
     stopped_at = int(m.group(1))

@@ -67,7 +67,9 @@ def test_resume_resolution_ignores_incomplete_checkpoints(tmp_path):
         (root / name).mkdir(parents=True)
         (root / name / STATE_FILE).write_text("{}")
     assert resolve_resume("latest", root) == root / "step-10"  # numeric order; a .tmp is a crashed save
-    assert resolve_resume("none", root) is None
+    with pytest.raises(ConfigError, match="holds checkpoints of an earlier run"):  # a fresh run over an old one
+        resolve_resume("none", root)
+    assert resolve_resume("none", tmp_path / "nothing") is None
     assert resolve_resume("latest", tmp_path / "nothing") is None  # a first (requeued) run starts fresh
     with pytest.raises(ConfigError, match="train.resume"):
         resolve_resume(str(tmp_path), root)
