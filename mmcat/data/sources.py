@@ -221,9 +221,9 @@ def label_counts(data_cfg: Any, split: str) -> List[int]:
     if isinstance(counts, dict):
         index = {name: i for i, name in enumerate(labels)}
         out = [0] * len(labels)
-        for k, v in counts.items():
-            i = index.get(k, int(k) if str(k).isdigit() else None)
-            if i is None or not 0 <= i < len(labels):
+        for k, v in counts.items():  # keyed by label name, never by index ("10" is a name, as in labels.json)
+            i = index.get(k)
+            if i is None:
                 raise DataError(f"manifest.json label_counts names unknown label '{k}'")
             out[i] = int(v)
         return out
