@@ -111,10 +111,11 @@ def main(argv: List[str] | None = None) -> int:
     packed = prepare(work, args.num_images, args.full_size)
     print(f"data ready in {time.perf_counter() - t0:.1f}s: {args.num_images} photos, shards in {packed}")
 
-    cfg = load_config(TrainRunConfig, None, [f"data.root={packed}", "output_dir=/unused",
-                                             f"train.batch_size={BATCH}", f"data.num_workers={WORKERS}",
-                                             f"data.image_size={SIZE}", f"data.max_text_length={MAX_LEN}"])
-    tokenizer = load_tokenizer(cfg.model.text)
+    overrides = [f"data.root={packed}", "output_dir=/unused", f"train.batch_size={BATCH}",
+                 f"data.num_workers={WORKERS}", f"data.image_size={SIZE}", f"data.max_text_length={MAX_LEN}"]
+    float_cfg = load_config(TrainRunConfig, None, [*overrides, "data.uint8_pixels=false"])
+    uint8_cfg = load_config(TrainRunConfig, None, [*overrides, "data.uint8_pixels=true"])
+    tokenizer = load_tokenizer(float_cfg.model.text)
     with open(work / "raw" / "products.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     labels = json.loads((packed / "labels.json").read_text())
@@ -126,11 +127,9 @@ def main(argv: List[str] | None = None) -> int:
     for epoch in range(args.repeats):  # alternate, so that load from other processes hits both alike
         rates["baseline"].append(timed_epoch(baseline))
         # the CPU default: normalised float32 from the workers — the same work as the baseline does
-        cfg.data.uint8_pixels = False
-        rates["mmcat"].append(timed_epoch(build_train_loader(cfg, tokenizer, 0, 1, epoch).loader))
+        rates["mmcat"].append(timed_epoch(build_train_loader(float_cfg, tokenizer, 0, 1, epoch).loader))
         # the GPU default: uint8 out of the workers, normalised by the model on the device (not charged here)
-        cfg.data.uint8_pixels = True
-        rates["mmcat_uint8"].append(timed_epoch(build_train_loader(cfg, tokenizer, 0, 1, epoch).loader))
+        rates["mmcat_uint8"].append(timed_epoch(build_train_loader(uint8_cfg, tokenizer, 0, 1, epoch).loader))
         print(f"epoch {epoch}: baseline {rates['baseline'][-1]:.0f}/s, mmcat {rates['mmcat'][-1]:.0f}/s, "
               f"mmcat uint8 {rates['mmcat_uint8'][-1]:.0f}/s")
     base, ours, ours_u8 = max(rates["baseline"]), max(rates["mmcat"]), max(rates["mmcat_uint8"])

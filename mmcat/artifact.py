@@ -3,7 +3,9 @@
 Layout::
 
     best/model.safetensors        weights of the whole fusion model (fp32)
-    best/config.yaml              the model + data settings it was trained with
+    best/config.yaml              what inference needs: the model section and the preprocessing (``data.image_size``,
+                                  ``max_text_length``, ``label_key``, ``uint8_pixels``); nothing of the training
+                                  machine (no data.root, output_dir or train section)
     best/labels.json              index -> label
     best/text_encoder/config.json the text encoder's architecture (weights live in model.safetensors)
     best/tokenizer/               the tokenizer files
@@ -16,18 +18,44 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from mmcat.config import TrainRunConfig, to_yaml
+from mmcat.config import ConfigError, DataConfig, ModelConfig, to_yaml
 
 WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class Preprocessing:
+    """The ``data`` keys that decide what the model sees (defaults: the training schema's)."""
+    image_size: int = DataConfig.image_size
+    max_text_length: int = DataConfig.max_text_length
+    label_key: str = DataConfig.label_key
+    uint8_pixels: Optional[bool] = DataConfig.uint8_pixels
+
+
+@dataclass
+class ArtifactConfig:
+    """Schema of ``best/config.yaml``."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: Preprocessing = field(default_factory=Preprocessing)
+
+
+def artifact_config(cfg: Any) -> Any:
+    """The inference part of a training config (``TrainRunConfig``): a read-only ``ArtifactConfig``."""
+    keys = OmegaConf.structured(Preprocessing).keys()
+    out = OmegaConf.merge(OmegaConf.structured(ArtifactConfig),
+                          {"model": cfg.model, "data": {k: cfg.data[k] for k in keys}})
+    OmegaConf.set_readonly(out, True)
+    return out
 
 
 def _hf_text_model(model: torch.nn.Module) -> PreTrainedModel:
@@ -46,7 +74,7 @@ def export_artifact(out_dir: Path, state_dict: Dict[str, torch.Tensor], model: t
     tmp.mkdir(parents=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    (tmp / "config.yaml").write_text(to_yaml(cfg))
+    (tmp / "config.yaml").write_text(to_yaml(artifact_config(cfg)))
     (tmp / "labels.json").write_text(json.dumps(list(labels), ensure_ascii=False, indent=1))
     _hf_text_model(model).config.save_pretrained(tmp / "text_encoder")
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
@@ -66,8 +94,31 @@ class Artifact:
     model: torch.nn.Module
     tokenizer: Any
     labels: List[str]
-    cfg: Any  # TrainRunConfig (model + data sections matter)
+    cfg: Any  # ArtifactConfig: the model section and the preprocessing, read-only
     path: Path
+
+    def data_config(self, root: str, **overrides: Any) -> Any:
+        """A read-only ``DataConfig`` that reads ``root`` the way the model was trained to see it (for loaders,
+        split checks); ``overrides``: other data keys, e.g. ``label_key`` or ``labels_file``."""
+        preprocessing = OmegaConf.to_container(self.cfg.data)  # plain values: a Preprocessing is no DataConfig
+        cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), preprocessing, {"root": str(root)}, overrides)
+        OmegaConf.set_readonly(cfg, True)
+        return cfg
+
+
+def read_artifact_config(path: Path) -> Any:
+    """``best/config.yaml`` as a read-only ``ArtifactConfig``. Artifacts from before this schema hold the whole
+    training config: their model section and preprocessing keys are taken, the rest (data.root, train, ...) ignored."""
+    try:
+        raw = OmegaConf.load(path)
+        keys = OmegaConf.structured(Preprocessing).keys()
+        data = raw.get("data") or {}
+        cfg = OmegaConf.merge(OmegaConf.structured(ArtifactConfig),
+                              {"model": raw.get("model") or {}, "data": {k: data[k] for k in keys if k in data}})
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
 
 
 def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artifact:
@@ -76,19 +127,15 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
 
     path = Path(path)
     if not (path / WEIGHTS).is_file():
-        from mmcat.config import ConfigError
-
         raise ConfigError(f"{path} is not an mmcat model artifact (no {WEIGHTS})")
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), OmegaConf.load(path / "config.yaml"))
+    cfg = read_artifact_config(path / "config.yaml")
     labels = json.loads((path / "labels.json").read_text())
     # architecture from the artifact's own files; every weight comes from model.safetensors
-    cfg.model.text.name = str(path / "text_encoder")
-    cfg.model.text.pretrained = False
-    cfg.model.image.weights = "none"
-    model = build_model(cfg.model, num_labels=len(labels))
+    build_cfg = OmegaConf.merge(cfg.model, {"text": {"name": str(path / "text_encoder"), "pretrained": False},
+                                            "image": {"weights": "none"}})
+    model = build_model(build_cfg, num_labels=len(labels))
     missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS)), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"artifact {path} does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")
-    tok_cfg = OmegaConf.merge(cfg.model.text, {"name": str(path / "tokenizer")})
-    tokenizer = load_tokenizer(tok_cfg)
+    tokenizer = load_tokenizer(OmegaConf.merge(cfg.model.text, {"name": str(path / "tokenizer")}))
     return Artifact(model.to(device).eval(), tokenizer, labels, cfg, path)

@@ -57,6 +57,34 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return evaluate_cli(args)
 
 
+def _cmd_configs_list(args: argparse.Namespace) -> int:
+    from mmcat.shipped import describe, shipped_files
+
+    files = shipped_files()
+    width = max(map(len, files))
+    for name, path in files.items():
+        print(f"{name:<{width}}  {describe(path)}".rstrip())
+    return 0
+
+
+def _cmd_configs_path(args: argparse.Namespace) -> int:
+    from mmcat.shipped import find_shipped
+
+    path = find_shipped(args.name)
+    if path is None:
+        raise ConfigError(f"no shipped config named '{args.name}' (see `mmcat configs list`)")
+    print(path)
+    return 0
+
+
+def _cmd_configs_copy(args: argparse.Namespace) -> int:
+    from mmcat.shipped import copy_shipped
+
+    for path in copy_shipped(args.name, args.dest, force=args.force):
+        print(path)
+    return 0
+
+
 def _at_least(low: int):
     """argparse type: an int >= ``low`` (argparse then reports a bad value in one line, exit 2)."""
     def parse(text: str) -> int:
@@ -108,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("train", help="fine-tune ResNet + BERT with a fusion head (Accelerate / DeepSpeed)")
-    p.add_argument("--config", help="YAML config (configs/*.yaml)")
+    p.add_argument("--config", help="YAML config file, or the name of a shipped one (tiny_cpu; `mmcat configs list`)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 data.root=/d")
     p.set_defaults(func=_cmd_train)
 
@@ -123,7 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", dest="num_workers", type=_at_least(0), default=0)
     p.set_defaults(func=_cmd_eval)
 
+    _add_configs_parser(sub)
     return parser
+
+
+def _add_configs_parser(sub) -> None:
+    p = sub.add_parser("configs", help="list the shipped training configs and launcher files, or copy one out")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("list", help="every shipped file by name, with what it is for")
+    a.set_defaults(func=_cmd_configs_list)
+    a = actions.add_parser("path", help="where a shipped file is (e.g. for accelerate launch --config_file)")
+    a.add_argument("name", help="e.g. tiny_cpu, launch/deepspeed_zero2, launch/deepspeed/zero2")
+    a.set_defaults(func=_cmd_configs_path)
+    a = actions.add_parser("copy", help="copy a shipped file out for editing (a launch YAML brings its DeepSpeed JSON)")
+    a.add_argument("name", help="e.g. tiny_cpu, launch/deepspeed_zero2")
+    a.add_argument("dest", help="a folder, or a file path with the same suffix")
+    a.add_argument("--force", action="store_true", help="overwrite existing files")
+    a.set_defaults(func=_cmd_configs_copy)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

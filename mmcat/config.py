@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -160,24 +160,23 @@ def load_config(
     path: Optional[str | Path] = None,
     overrides: Sequence[str] = (),
     require_complete: bool = True,
+    values: Optional[Mapping[str, Any]] = None,
 ) -> T:
-    """Merge YAML ``path`` and dotted ``overrides`` onto ``schema`` and return a validated config object."""
+    """Merge YAML ``path`` (a file, or the name of a shipped config such as ``tiny_cpu``), dotted ``overrides``
+    (``key=value`` strings, parsed as YAML) and ``values`` (dotted key -> Python value, assigned as is: paths with
+    ``=``, ``:`` or spaces stay intact; a dict value replaces the default dict) onto ``schema``; return a validated,
+    read-only config object. Anything derived from it is computed and passed on, never written back: derive a
+    changed copy with ``OmegaConf.merge(cfg, {...})``."""
     cfg: DictConfig = OmegaConf.structured(schema)
     try:
         if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file not found: {p}")
-            try:
-                cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
-            except OmegaConfBaseException as exc:
-                raise _fail(exc) from None
-            except Exception as exc:  # YAML syntax errors and the like
-                raise ConfigError(f"config file {p}: {str(exc).splitlines()[0]}") from None
+            cfg = _merge_file(cfg, _config_file(path))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override '{item}' is not key=value")
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        for key, value in (values or {}).items():
+            OmegaConf.update(cfg, key, value, merge=False)
         if require_complete:
             missing = sorted(OmegaConf.missing_keys(cfg))
             if missing:
@@ -187,7 +186,31 @@ def load_config(
         _check_label_key(cfg)
     except OmegaConfBaseException as exc:
         raise _fail(exc) from None
+    OmegaConf.set_readonly(cfg, True)
     return cfg  # type: ignore[return-value]  # a DictConfig typed as the schema (attribute access works)
+
+
+def _config_file(path: str | Path) -> Path:
+    """``path`` itself when it is a file, else the shipped config of that name (``tiny_cpu`` or ``tiny_cpu.yaml``):
+    an installed package finds its configs from any folder."""
+    from mmcat.shipped import shipped_config
+
+    p = Path(path)
+    if p.is_file():
+        return p
+    found = shipped_config(str(path))
+    if found is None:
+        raise ConfigError(f"config file not found: {p} (nor a shipped config of that name; see `mmcat configs list`)")
+    return found
+
+
+def _merge_file(cfg: DictConfig, p: Path) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.load(p))
+    except OmegaConfBaseException as exc:
+        raise _fail(exc) from None
+    except Exception as exc:  # YAML syntax errors and the like
+        raise ConfigError(f"config file {p}: {str(exc).splitlines()[0]}") from None
 
 
 # string keys with a closed set of values (dotted path relative to the schema root)

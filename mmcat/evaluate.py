@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from accelerate import Accelerator
+from omegaconf import OmegaConf
 
 from mmcat.artifact import load_artifact
 from mmcat.evaluation import dummy_batch, evaluate
@@ -17,22 +18,23 @@ from mmcat.train.accel import multi_cpu_ddp, process_group_kwargs
 log = logging.getLogger(__name__)
 
 
-def _use_model_labels(data_cfg, model_labels, model_dir: str, data_root: str) -> None:
+def _labels_file(data_cfg, model_labels, model_dir: str, data_root: str) -> Optional[str]:
     """The shards' label list must be the model's (a class index has to mean what the model's output means). Shards
     from other tools may come without labels.json: ``json:<field>`` labels (names) are then mapped through the
-    model's own labels.json; ``cls`` indices without a labels file cannot be checked, so that stays an error."""
+    model's own labels.json, which is returned (the ``data.labels_file`` to read with); ``cls`` indices without a
+    labels file cannot be checked, so that stays an error."""
     from mmcat.config import ConfigError
     from mmcat.data.sources import find_labels, read_labels
 
     labels = find_labels(data_cfg)
     if labels is None and str(data_cfg.label_key).startswith("json:"):
         log.info("no labels.json next to %s: mapping label names through %s/labels.json", data_root, model_dir)
-        data_cfg.labels_file = str(Path(model_dir) / "labels.json")
-        return
+        return str(Path(model_dir) / "labels.json")
     if labels is None:
         read_labels(data_cfg)  # raises the one-line "no labels file found (looked for ...)"
     if labels != list(model_labels):
         raise ConfigError(f"{data_root}: labels.json differs from the model's labels ({model_dir}/labels.json)")
+    return None
 
 
 def evaluate_artifact(model_dir: str, data_root: str, split: str = "test", batch_size: int = 64,
@@ -45,14 +47,12 @@ def evaluate_artifact(model_dir: str, data_root: str, split: str = "test", batch
         check_label_key(label_key, "--label-key")
     acc = Accelerator(cpu=multi_cpu_ddp(), kwargs_handlers=process_group_kwargs())
     art = load_artifact(model_dir, device=acc.device)
-    data_cfg = art.cfg.data.copy()
-    data_cfg.root = data_root
-    data_cfg.labels_file = None
-    if label_key is not None:
-        data_cfg.label_key = label_key
+    data_cfg = art.data_config(data_root, **({"label_key": label_key} if label_key is not None else {}))
     for entry in root_entries(data_cfg):
         check_root_exists(entry, "--data")
-    _use_model_labels(data_cfg, art.labels, model_dir, data_root)
+    labels_file = _labels_file(data_cfg, art.labels, model_dir, data_root)
+    if labels_file is not None:
+        data_cfg = OmegaConf.merge(data_cfg, {"labels_file": labels_file})
     check_split(data_cfg, split, list(art.labels), key="--split")  # one line now, not a traceback after the loop
     loader = build_eval_loader(data_cfg, split, art.tokenizer, batch_size, num_workers,
                                rank=acc.process_index, world_size=acc.num_processes)

@@ -22,10 +22,7 @@ def synth_config(out: Path, **kw) -> SynthConfig:
 
 
 def pack_config(input: Path, out: Path, **kw) -> PackConfig:
-    cfg = load_config(PackConfig, None, [f"input={input}", f"out={out}"])
-    for key, value in kw.items():
-        setattr(cfg, key, value)
-    return cfg
+    return load_config(PackConfig, None, values={"input": str(input), "out": str(out), **kw})
 
 
 @pytest.fixture(scope="session")

@@ -106,3 +106,77 @@ def test_every_range_key_exists_in_the_train_schema():
     full = OmegaConf.structured(TrainRunConfig)
     for key in RANGES:
         assert OmegaConf.select(full, key, default="<absent>") != "<absent>", key
+
+
+def test_loaded_config_is_read_only_and_derived_copies_leave_it_alone():
+    """Nothing downstream may write into the run's config; a changed copy is derived with OmegaConf.merge."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ReadonlyConfigError
+
+    cfg = load_config(TrainRunConfig, None, ["data.root=/d", "output_dir=/o"])
+    with pytest.raises(ReadonlyConfigError):
+        cfg.data.root = "/elsewhere"
+    with pytest.raises(ReadonlyConfigError):
+        cfg.model.image.channels_last = False
+    derived = OmegaConf.merge(cfg.model, {"image": {"channels_last": False}})
+    assert derived.image.channels_last is False and derived.image.name == cfg.model.image.name
+    assert cfg.model.image.channels_last is True and cfg.data.root == "/d"
+
+
+def test_a_shipped_config_is_found_by_name(tmp_path, monkeypatch):
+    """`--config tiny_cpu` works from any folder: the name finds the shipped file (a file path still wins)."""
+    monkeypatch.chdir(tmp_path)
+    by_path = load_config(TrainRunConfig, ROOT / "configs/tiny_cpu.yaml", ["data.root=/d", "output_dir=/o"])
+    for name in ("tiny_cpu", "tiny_cpu.yaml", "configs/tiny_cpu"):
+        assert load_config(TrainRunConfig, name, ["data.root=/d", "output_dir=/o"]) == by_path, name
+    (tmp_path / "tiny_cpu").write_text("train:\n  epochs: 3\n")  # a file of that name in the working folder wins
+    assert load_config(TrainRunConfig, "tiny_cpu", ["data.root=/d", "output_dir=/o"]).train.epochs == 3
+    with pytest.raises(ConfigError, match="config file not found: tiny_gpu .*mmcat configs list"):
+        load_config(TrainRunConfig, "tiny_gpu")
+
+
+def test_pack_flags_are_values_not_yaml():
+    """`mmcat pack` flags are taken as typed values: a path with '=', ': ' or the word null stays a string, and
+    --splits replaces the default splits rather than merging into them."""
+    from mmcat.cli import build_parser
+    from mmcat.pack import config_from_args
+
+    args = build_parser().parse_args(["pack", "a=b: c.csv", "--out", "null", "--splits", "train=1",
+                                      "--image-size", "32"])
+    cfg = config_from_args(args)
+    assert (cfg.input, cfg.out, cfg.image_size, dict(cfg.splits)) == ("a=b: c.csv", "null", 32, {"train": 1.0})
+
+
+def _schema_keys(schema, prefix=""):
+    """Dotted leaf keys of a dataclass schema (nested dataclasses are sections)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _schema_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}"
+
+
+def _readme_config_keys():
+    """The keys named in the first column of README's config table (`a.b` / `.c` = `a.c`)."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n### Configuration\n", 1)[1].split("\n### ", 1)[0]
+    keys = []
+    for row in (ln for ln in section.splitlines() if ln.startswith("| `")):
+        last = ""
+        for name in re.findall(r"`([^`]+)`", row.split("|")[1]):
+            last = last.rsplit(".", 1)[0] + name if name.startswith(".") else name
+            keys.append(last)
+    return keys
+
+
+def test_readme_config_table_names_every_schema_key_and_nothing_else():
+    readme, schema = _readme_config_keys(), list(_schema_keys(TrainRunConfig))
+    assert sorted(set(schema) - set(readme)) == [], "schema keys missing from README's config table"
+    assert sorted(set(readme) - set(schema)) == [], "README's config table names keys the schema does not have"
+    assert len(readme) == len(set(readme)), "a key is listed twice"

@@ -264,10 +264,9 @@ def test_uint8_pixels_mode_feeds_the_model_the_same_input(tmp_path, tokenizer):
     from mmcat.models.image import ImageEncoder
 
     write_packed(tmp_path, {"val": [5, 4]}, missing_every=4)
-    cfg = make_cfg(tmp_path)
-    floats = list(build_eval_loader(cfg.data, "val", tokenizer, batch_size=4, num_workers=0))
-    cfg.data.uint8_pixels = True
-    uint8s = list(build_eval_loader(cfg.data, "val", tokenizer, batch_size=4, num_workers=0))
+    floats = list(build_eval_loader(make_cfg(tmp_path).data, "val", tokenizer, batch_size=4, num_workers=0))
+    uint8_cfg = make_cfg(tmp_path, "data.uint8_pixels=true")
+    uint8s = list(build_eval_loader(uint8_cfg.data, "val", tokenizer, batch_size=4, num_workers=0))
     enc = ImageEncoder("resnet18", "none")
     for f, u in zip(floats, uint8s, strict=True):
         assert u["pixel_values"].dtype == torch.uint8 and f["pixel_values"].dtype == torch.float32

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from train_helpers import ROOT, assert_same_run, child_env, metrics, mmcat_cmd, run, sizes, write_config
 
@@ -61,12 +62,40 @@ def test_artifact_reload_gives_identical_predictions(baseline_run, tiny_packed_d
     trained.load_state_dict(load_file(str(baseline_run / "checkpoints" / f"step-{best_step}" / "model.safetensors")))
     trained.eval()
     again = load_artifact(baseline_run / "best").model
-    batch = next(iter(build_eval_loader(art.cfg.data, "test", art.tokenizer, batch_size=8, num_workers=0)))
+    data_cfg = art.data_config(tiny_packed_dataset)  # best/ does not say where the training data was
+    batch = next(iter(build_eval_loader(data_cfg, "test", art.tokenizer, batch_size=8, num_workers=0)))
     args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["has_image"], batch["has_text"])
     with torch.no_grad():
         a, b, c = art.model(*args), trained(*args), again(*args)
     assert torch.equal(a, b) and torch.equal(a, c)
     assert not torch.allclose(a[0], a[1])  # sanity: real, input-dependent predictions
+
+
+def test_artifact_config_holds_what_inference_needs_only(baseline_run, tiny_packed_dataset, tmp_path):
+    """best/config.yaml: the model section and the preprocessing, nothing of the training machine (data.root,
+    output_dir, train). An artifact written before that (the whole run config in best/config.yaml) still loads and
+    predicts the same."""
+    from mmcat.artifact import load_artifact
+    from mmcat.data import build_eval_loader
+
+    best = baseline_run / "best"
+    written = yaml.safe_load((best / "config.yaml").read_text())
+    run_cfg = yaml.safe_load((baseline_run / "config.yaml").read_text())
+    assert set(written) == {"model", "data"} and written["model"] == run_cfg["model"]
+    assert written["data"] == {k: run_cfg["data"][k] for k in ("image_size", "max_text_length", "label_key",
+                                                               "uint8_pixels")}
+    assert str(tiny_packed_dataset) not in (best / "config.yaml").read_text()
+
+    old = tmp_path / "old_best"
+    shutil.copytree(best, old)
+    shutil.copyfile(baseline_run / "config.yaml", old / "config.yaml")  # the old format: the full run config
+    new_art, old_art = load_artifact(best), load_artifact(old)
+    assert old_art.cfg == new_art.cfg
+    batch = next(iter(build_eval_loader(new_art.data_config(tiny_packed_dataset), "test", new_art.tokenizer,
+                                        batch_size=8, num_workers=0)))
+    args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["has_image"], batch["has_text"])
+    with torch.no_grad():
+        assert torch.equal(new_art.model(*args), old_art.model(*args))
 
 
 def test_eval_cli_matches_training_metrics(baseline_run, tiny_packed_dataset, tmp_path):

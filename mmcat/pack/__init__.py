@@ -7,9 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from omegaconf.errors import OmegaConfBaseException
-
-from mmcat.config import ConfigError, PackConfig, load_config
+from mmcat.config import PackConfig, load_config
 
 
 def pack(cfg) -> dict:
@@ -22,19 +20,13 @@ def config_from_args(args: argparse.Namespace) -> PackConfig:
     from mmcat.pack.cli_args import PACK_KEYS
     from mmcat.pack.split import parse_splits
 
-    cfg = load_config(PackConfig, getattr(args, "config", None), require_complete=False)
-    try:  # attribute assignment (not dotlist strings): paths with '=', ':' or spaces stay intact
-        for key in PACK_KEYS:
-            value = getattr(args, key, None)
-            if value is not None:
-                setattr(cfg, key, value)
-        if getattr(args, "text_columns", None):
-            cfg.text_columns = [c.strip() for c in args.text_columns.split(",") if c.strip()]
-        if getattr(args, "splits", None):
-            cfg.splits = parse_splits(args.splits)  # replaces (a merge would keep unlisted default splits)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"config key '{getattr(exc, 'full_key', '?')}': {str(exc).splitlines()[0]}") from None
-    return cfg  # type: ignore[return-value]
+    # values, not dotlist strings: paths with '=', ':' or spaces stay intact; --splits replaces the default dict
+    values = {key: getattr(args, key) for key in PACK_KEYS if getattr(args, key, None) is not None}
+    if getattr(args, "text_columns", None):
+        values["text_columns"] = [c.strip() for c in args.text_columns.split(",") if c.strip()]
+    if getattr(args, "splits", None):
+        values["splits"] = parse_splits(args.splits)
+    return load_config(PackConfig, getattr(args, "config", None), require_complete=False, values=values)
 
 
 def pack_from_args(args: argparse.Namespace) -> int:

@@ -64,7 +64,10 @@ def _deepspeed_plugin(cfg: Any) -> DeepSpeedPlugin:
     """Build the plugin from the JSON that ``accelerate launch`` points at, with the trainer's owned values filled in."""
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if path and path != "none":
-        ds_config: Dict[str, Any] = json.loads(Path(path).read_text())
+        from mmcat.shipped import resolve_launch_path
+
+        # a shipped launch YAML names launch/deepspeed/*.json relative to the checkout: found from any folder
+        ds_config: Dict[str, Any] = json.loads(resolve_launch_path(path).read_text())
     else:  # `--use_deepspeed --zero_stage N` without a JSON: accelerate's env-var plugin settings
         ds_config = {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))}}
     for key, ours in _OWNED_KEYS.items():

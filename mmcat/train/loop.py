@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 from accelerate.utils import send_to_device, set_seed
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from mmcat.config import to_container, to_yaml
@@ -72,6 +73,15 @@ def seed_step_rng(seed: int, rank: int, epoch: int, batch_in_epoch: int) -> None
     torch.manual_seed(stable_seed(seed, "step", rank, epoch, batch_in_epoch))
 
 
+def _model_config(cfg: Any, acc: Any) -> Any:
+    """The model section to build from: ``cfg.model``, except that DeepSpeed flattens parameters into contiguous
+    buffers and rejects channels-last conv weights. The run's config stays as loaded (read-only)."""
+    if acc.state.deepspeed_plugin is None or not cfg.model.image.channels_last:
+        return cfg.model
+    log.info("DeepSpeed: ResNet weights kept contiguous (model.image.channels_last ignored)")
+    return OmegaConf.merge(cfg.model, {"image": {"channels_last": False}})
+
+
 # what a stretch of training ended with: keep going (None), the run is complete, or a stop was asked for
 DONE, STOPPED = "done", "stopped"
 
@@ -118,14 +128,8 @@ class Trainer:
         log.info("train: %d shards, %d samples/epoch, %d batches/epoch/rank, %d optimizer steps",
                  probe.num_shards, probe.samples_per_epoch, self.batches_per_epoch, self.total_steps)
 
-        model_cfg = cfg.model
-        if acc.state.deepspeed_plugin is not None and cfg.model.image.channels_last:
-            # DeepSpeed flattens parameters into contiguous buffers and rejects channels-last conv weights
-            log.info("DeepSpeed: ResNet weights kept contiguous (model.image.channels_last ignored)")
-            model_cfg = cfg.model.copy()
-            model_cfg.image.channels_last = False
         with whole_model_init(acc):
-            model = build_model(model_cfg, num_labels=len(self.labels))
+            model = build_model(_model_config(cfg, acc), num_labels=len(self.labels))
         optimizer = build_optimizer(model, cfg)
         scheduler = build_scheduler(optimizer, cfg, self.total_steps)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
