@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from mmcat.config import ConfigError
 from mmcat.pack.images import RESIZE_MODES
-from mmcat.pack.manifest import build_manifest, sort_failures, split_summary, sum_notes, write_dataset_files
+from mmcat.pack.manifest import build_manifest, records_summary, sort_failures, sum_notes, write_dataset_files
 from mmcat.pack.plan import Task, build_plan
 from mmcat.pack.sources import detect_format, read_table
 from mmcat.pack.split import check_splits
@@ -190,7 +190,7 @@ def pack(cfg) -> dict:
     all_records = [r for recs in records.values() for r in recs]
     failures = sort_failures([f for f in plan.rejected if layout.owns_row(f["row"])]
                              + [f for r in all_records for f in r["failures"]])
-    summaries = {split: split_summary(records[split], plan.labels) for split in splits}
+    summaries = {split: records_summary(records[split], plan.labels) for split in splits}
     manifest = build_manifest(settings, plan.labels, summaries, failures, sum_notes(all_records))
     if layout.sliced:
         # one slice's splits say nothing about the dataset's: pack-merge warns about the merged splits

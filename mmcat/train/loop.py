@@ -13,9 +13,9 @@ from tqdm.auto import tqdm
 
 from mmcat.config import to_container, to_yaml
 from mmcat.data import iterate_batches
-from mmcat.data.loader import stable_seed
 from mmcat.evaluation import dummy_batch, evaluate, forward_batch
 from mmcat.files import write_atomic
+from mmcat.hashing import stable_seed
 from mmcat.metrics import MODES, confusion_image, format_table, summary
 from mmcat.train.accel import build_accelerator, describe, engine_name, whole_model_init
 from mmcat.train.checkpoint import (TrainerState, check_fingerprint, decide_resume, load_checkpoint,
