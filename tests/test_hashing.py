@@ -1,5 +1,5 @@
-"""Stable hashes are frozen: the values below are those of mmcat 0.x releases, so that users' packed splits and
-sample keys (stable_hash) and the data order of resumed runs (stable_seed) never move with an upgrade."""
+"""Stable hashes are frozen: the values below are the ones mmcat has always produced, so that users' packed splits
+and sample keys (stable_hash) and the data order of resumed runs (stable_seed) never move with an upgrade."""
 from mmcat.hashing import stable_hash, stable_seed
 from mmcat.pack.plan import safe_key
 from mmcat.pack.split import assign_splits
