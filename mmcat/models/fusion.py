@@ -20,6 +20,8 @@ from typing import Dict, List, Union
 import torch
 from torch import nn
 
+from mmcat.models.text import masked_mean
+
 FUSIONS = ("concat", "late", "gated", "attention")
 Mask = Union[torch.Tensor, bool]
 
@@ -115,9 +117,7 @@ class MultimodalClassifier(nn.Module):
         q = torch.where(has_text[:, None, None], q, self.missing_text.to(q.dtype).expand_as(q))
         attended, _ = self.cross_attention(q, kv, kv, need_weights=False)
         x = self.cross_norm(q + attended)
-        mask = attention_mask.unsqueeze(-1).to(x.dtype)
-        pooled = (x * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.head(torch.cat([pooled, img, txt], dim=1))
+        return self.head(torch.cat([masked_mean(x, attention_mask), img, txt], dim=1))
 
     # ------------------------------------------------------------------------------------------- optimisation
     def param_groups(self, lr_image: float, lr_text: float, lr_head: float, weight_decay: float) -> List[Dict]:

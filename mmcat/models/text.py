@@ -66,6 +66,13 @@ def load_text_backbone(text_cfg: Any) -> nn.Module:
     return AutoModel.from_config(config)
 
 
+def masked_mean(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``states`` [B, L, D] over the positions where ``attention_mask`` [B, L] is 1 (padding left out);
+    an all-padding row gives zeros."""
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)
+    return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
 class TextEncoder(nn.Module):
     """Returns (pooled [B, D], token states [B, L, D]) for ``input_ids`` / ``attention_mask``."""
 
@@ -85,9 +92,7 @@ class TextEncoder(nn.Module):
         states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
             return states[:, 0], states
-        mask = attention_mask.unsqueeze(-1).to(states.dtype)
-        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return pooled, states
+        return masked_mean(states, attention_mask), states
 
 
 def build_text_encoder(text_cfg: Any) -> TextEncoder:
