@@ -322,8 +322,6 @@ def synthesize(cfg) -> Path:
         raise ConfigError(f"config key 'num_products': {cfg.num_products} is below num_classes ({cfg.num_classes})")
     if not 16 <= cfg.min_side <= cfg.max_side:
         raise ConfigError(f"config key 'min_side': need 16 <= min_side ({cfg.min_side}) <= max_side ({cfg.max_side})")
-    if cfg.format not in ("csv", "jsonl", "parquet"):
-        raise ConfigError(f"config key 'format': '{cfg.format}' is not one of csv, jsonl, parquet")
     out = Path(cfg.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     labels = [c[0] for c in CATEGORIES[: cfg.num_classes]]

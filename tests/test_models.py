@@ -6,9 +6,8 @@ import os
 import pytest
 import torch
 
-from mmcat.config import TrainRunConfig, load_config
+from mmcat.config import Fusion, TrainRunConfig, load_config
 from mmcat.models import ModelLoadError, build_model, load_tokenizer
-from mmcat.models.fusion import FUSIONS
 from mmcat.models.image import ImageEncoder
 from mmcat.models.text import MINILM_NAMES, resolve_text_model
 from mmcat.models.tiny import make_tiny_text_model
@@ -37,7 +36,7 @@ def batch(tokenizer, n=4):
             "has_text": torch.tensor([True, False, True, True][:n])}
 
 
-@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("fusion", [f.value for f in Fusion])
 def test_fusion_heads_forward_backward_with_masks(tiny_text, fusion):
     cfg = model_cfg(tiny_text, f"model.fusion={fusion}", "model.modality_dropout=0.5")
     model = build_model(cfg, NUM_LABELS)

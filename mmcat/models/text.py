@@ -15,6 +15,8 @@ from typing import Any, Tuple
 import torch
 from torch import nn
 
+from mmcat.config import Pooling
+
 MINILM_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
 
 
@@ -78,22 +80,20 @@ class TextEncoder(nn.Module):
 
     def __init__(self, backbone: nn.Module, pooling: str = "mean") -> None:
         super().__init__()
-        if pooling not in ("mean", "cls"):
-            raise ValueError(f"model.text.pooling must be 'mean' or 'cls', got '{pooling}'")
         if getattr(backbone, "pooler", None) is not None:
             # we pool last_hidden_state ourselves; an unused pooler leaves parameters without gradients, which
             # DDP rejects ("Expected to have finished reduction") and which would only waste optimizer state
             backbone.pooler = None
         self.backbone = backbone
-        self.pooling = pooling
+        self.pooling = Pooling(pooling)  # a plain string from Python callers; the config already holds a Pooling
         self.out_dim = int(backbone.config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.pooling == "cls":
+        if self.pooling == Pooling.cls:
             return states[:, 0], states
         return masked_mean(states, attention_mask), states
 
 
 def build_text_encoder(text_cfg: Any) -> TextEncoder:
-    return TextEncoder(load_text_backbone(text_cfg), str(text_cfg.pooling))
+    return TextEncoder(load_text_backbone(text_cfg), text_cfg.pooling)

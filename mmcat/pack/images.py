@@ -21,9 +21,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from mmcat.config import ResizeMode
 from mmcat.images import decode_scaled
-
-RESIZE_MODES = ("shorter", "center_crop", "keep", "border")
 
 # EXIF orientation -> OpenCV ops (used only on the IMREAD_UNCHANGED path; IMREAD_COLOR applies it itself)
 _EXIF_OPS = {
@@ -84,9 +83,9 @@ def _jpeg_truncated(data: bytes) -> bool:
 
 def _resize_side(w: int, h: int, mode: str) -> Optional[int]:
     """The side that ``_resize`` scales to ``size`` (None: ``keep`` does not resize, so no decode-time reduction)."""
-    if mode == "keep":
+    if mode == ResizeMode.keep:
         return None
-    return max(w, h) if mode == "border" else min(w, h)
+    return max(w, h) if mode == ResizeMode.border else min(w, h)
 
 
 def _to_8bit(img: np.ndarray) -> np.ndarray:
@@ -111,15 +110,15 @@ def _down(scale: float) -> int:
 
 def _resize(img: np.ndarray, size: int, mode: str) -> np.ndarray:
     h, w = img.shape[:2]
-    if mode == "keep":
+    if mode == ResizeMode.keep:
         return img
-    if mode == "shorter":
+    if mode == ResizeMode.shorter:
         scale = size / min(w, h)
         if scale >= 1.0:  # never upscale: the training pipeline resizes anyway, bigger files buy nothing
             return img
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
         return cv2.resize(img, (nw, nh), interpolation=_down(scale))
-    if mode == "center_crop":
+    if mode == ResizeMode.center_crop:
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
         img = cv2.resize(img, (nw, nh), interpolation=_down(scale))
@@ -136,8 +135,7 @@ def _resize(img: np.ndarray, size: int, mode: str) -> np.ndarray:
 def process_image(data: bytes, size: int, mode: str = "shorter", quality: int = 90,
                   max_pixels: int = 89_478_485) -> ProcessedImage:
     """Decode ``data`` (any format OpenCV reads), fix orientation/colour, resize, re-encode as an RGB JPEG."""
-    if mode not in RESIZE_MODES:
-        raise ValueError(f"resize mode {mode!r} is not one of {RESIZE_MODES}")
+    mode = ResizeMode(mode)  # a plain string from Python callers; the config already holds a ResizeMode
     if not data:
         raise ImageError("image_empty", "0 bytes")
     im, w, h = _header(data, max_pixels)

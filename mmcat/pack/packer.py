@@ -16,7 +16,6 @@ import cv2
 from tqdm import tqdm
 
 from mmcat.config import ConfigError
-from mmcat.pack.images import RESIZE_MODES
 from mmcat.pack.manifest import build_manifest, records_summary, sort_failures, sum_notes, write_dataset_files
 from mmcat.pack.plan import Task, build_plan
 from mmcat.pack.sources import detect_format, read_table
@@ -51,7 +50,6 @@ def _validate(cfg) -> Dict[str, float]:
     checks = [
         (cfg.image_size >= 8, "image_size", "must be >= 8"),
         (1 <= cfg.jpeg_quality <= 100, "jpeg_quality", "must be within 1..100"),
-        (cfg.resize_mode in RESIZE_MODES, "resize_mode", f"must be one of {', '.join(RESIZE_MODES)}"),
         (cfg.max_samples_per_shard >= 1, "max_samples_per_shard", "must be >= 1"),
         (cfg.max_shard_bytes >= 1e4, "max_shard_bytes", "must be >= 10000"),
         (cfg.max_image_pixels >= 1, "max_image_pixels", "must be >= 1"),
