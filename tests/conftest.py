@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from mmcat.config import PackConfig, SynthConfig, load_config
 
@@ -24,7 +25,7 @@ def synth_config(out: Path, **kw) -> SynthConfig:
 def pack_config(input: Path, out: Path, **kw) -> PackConfig:
     cfg = load_config(PackConfig, None, [f"input={input}", f"out={out}"])
     for key, value in kw.items():
-        setattr(cfg, key, value)
+        OmegaConf.update(cfg, key, value)  # a string becomes the Enum of a closed-set field (resize_mode ...)
     return cfg
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mmcat.config import ConfigError, PackConfig, load_config
@@ -27,7 +28,7 @@ def config_from_args(args: argparse.Namespace) -> PackConfig:
         for key in PACK_KEYS:
             value = getattr(args, key, None)
             if value is not None:
-                setattr(cfg, key, value)
+                OmegaConf.update(cfg, key, value)  # converts a string to a Choice field's Enum
         if getattr(args, "text_columns", None):
             cfg.text_columns = [c.strip() for c in args.text_columns.split(",") if c.strip()]
         if getattr(args, "splits", None):
