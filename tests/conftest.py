@@ -25,7 +25,7 @@ def synth_config(out: Path, **kw) -> SynthConfig:
 def pack_config(input: Path, out: Path, **kw) -> PackConfig:
     cfg = load_config(PackConfig, None, [f"input={input}", f"out={out}"])
     for key, value in kw.items():
-        OmegaConf.update(cfg, key, value)  # a string becomes the Enum of a closed-set field (resize_mode ...)
+        OmegaConf.update(cfg, key, value, merge=False)  # like setattr; a string becomes a closed-set field's Enum
     return cfg
 
 

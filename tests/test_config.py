@@ -109,7 +109,8 @@ def test_every_range_key_exists_in_the_train_schema():
 
 
 @pytest.mark.parametrize("schema, override, message", [
-    (TrainRunConfig, "model.fusion=sum", "config key 'model.fusion': 'sum' is not one of concat, late, gated, attention"),
+    (TrainRunConfig, "model.fusion=sum",
+     "config key 'model.fusion': 'sum' is not one of concat, late, gated, attention"),
     (TrainRunConfig, "train.precision=fp8", "config key 'train.precision': 'fp8' is not one of no, bf16, fp16"),
     (TrainRunConfig, "model.text.pooling=max", "config key 'model.text.pooling': 'max' is not one of mean, cls"),
     (TrainRunConfig, "model.image.name=vit",

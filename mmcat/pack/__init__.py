@@ -28,7 +28,7 @@ def config_from_args(args: argparse.Namespace) -> PackConfig:
         for key in PACK_KEYS:
             value = getattr(args, key, None)
             if value is not None:
-                OmegaConf.update(cfg, key, value)  # converts a string to a Choice field's Enum
+                OmegaConf.update(cfg, key, value, merge=False)  # like setattr; a string becomes a Choice's Enum
         if getattr(args, "text_columns", None):
             cfg.text_columns = [c.strip() for c in args.text_columns.split(",") if c.strip()]
         if getattr(args, "splits", None):
