@@ -12,9 +12,10 @@ import torch
 from _shards import LABELS, write_img2dataset, write_packed, write_split
 from mmcat.config import TrainRunConfig, load_config
 from mmcat.data import DataError, label_counts, read_labels, split_sizes
-from mmcat.data.samples import BadSample, LabelReader, decode_image, jpeg_size
+from mmcat.data.samples import BadSample, LabelReader, decode_image
 from mmcat.data.transforms import (IMAGENET_MEAN, color_jitter, eval_view, random_resized_crop_box, to_pixel_values,
                                    train_view)
+from mmcat.images import jpeg_size
 
 
 def data_cfg(root, *overrides):
