@@ -1,9 +1,10 @@
 """Files on disk: atomic writes of files and directories (with fsync), and reading JSON with a one-line error.
 
-Every file or directory that mmcat publishes (shards, state records, manifests, run files, checkpoints, ``best/``,
-synthetic tables) is written under a temporary name in the same directory, flushed to disk, then renamed to its
-final name: a reader, or a run resumed after a crash or ``kill -9``, sees the old version or the new one, never a
-part. The rename is made durable by an fsync of the parent directory.
+What other programs read or a resumed run relies on (shards, pack state records, dataset files, the run's
+``config.yaml`` / ``metrics.json`` / data-order files, checkpoints, ``best/``, synthetic tables) is written under a
+temporary name in the same directory, flushed to disk, then renamed to its final name: a reader, or a run resumed
+after a crash or ``kill -9``, sees the old version or the new one, never a part. The rename is made durable by an
+fsync of the parent directory.
 
 Replacing a *directory* that exists (``best/`` at every improvement, a checkpoint saved again after a resume) needs
 more than ``rename``, which refuses a non-empty target. On Linux (glibc >= 2.28) the two directories are swapped
