@@ -16,8 +16,6 @@ Loading builds the model from these files alone (no hub, no pretrained downloads
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -29,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from mmcat.config import ConfigError, DataConfig, ModelConfig, to_yaml
+from mmcat.files import fresh_dir, publish_dir
 
 WEIGHTS = "model.safetensors"
 
@@ -67,11 +66,10 @@ def _hf_text_model(model: torch.nn.Module) -> PreTrainedModel:
 
 def export_artifact(out_dir: Path, state_dict: Dict[str, torch.Tensor], model: torch.nn.Module, cfg: Any,
                     labels: List[str], tokenizer: Any, metrics: Optional[Dict] = None) -> Path:
-    """Write the artifact to a temp dir and swap it in, so ``best/`` is never half-written."""
+    """Write the artifact to a temp dir and swap it in whole: ``best/`` is never half-written, and never absent
+    where the OS can swap directories atomically (see :func:`mmcat.files.publish_dir`)."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_dir(out_dir.with_name(out_dir.name + ".tmp"))
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
     (tmp / "config.yaml").write_text(to_yaml(artifact_config(cfg)))
@@ -80,12 +78,7 @@ def export_artifact(out_dir: Path, state_dict: Dict[str, torch.Tensor], model: t
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
     if metrics is not None:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    publish_dir(tmp, out_dir)
     return out_dir
 
 

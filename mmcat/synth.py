@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 
 from mmcat.config import ConfigError
+from mmcat.files import write_atomic
 
 IMAGE_INFORMATIVE_P = 0.65
 TEXT_INFORMATIVE_P = 0.60
@@ -295,23 +296,22 @@ def _plant_bad_rows(out: Path, rows: List[Dict[str, str]], labels: List[str], rn
 
 
 # ------------------------------------------------------------------------------------------------- writing
-def _write_table(path: Path, rows: List[Dict[str, str]], fmt: str) -> None:
+def _table_bytes(rows: List[Dict[str, str]], fmt: str) -> bytes:
     cols = ["id", "image", "title", "description", "category"]
-    tmp = path.with_name(f".{path.name}.tmp")
     if fmt == "csv":
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=cols)
-            writer.writeheader()
-            writer.writerows(rows)
-    elif fmt == "jsonl":
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=cols)
+        writer.writeheader()
+        writer.writerows(rows)
+        return buf.getvalue().encode("utf-8")
+    if fmt == "jsonl":
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-    tmp.replace(path)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    return sink.getvalue().to_pybytes()
 
 
 def synthesize(cfg) -> Path:
@@ -322,8 +322,6 @@ def synthesize(cfg) -> Path:
         raise ConfigError(f"config key 'num_products': {cfg.num_products} is below num_classes ({cfg.num_classes})")
     if not 16 <= cfg.min_side <= cfg.max_side:
         raise ConfigError(f"config key 'min_side': need 16 <= min_side ({cfg.min_side}) <= max_side ({cfg.max_side})")
-    if cfg.format not in ("csv", "jsonl", "parquet"):
-        raise ConfigError(f"config key 'format': '{cfg.format}' is not one of csv, jsonl, parquet")
     out = Path(cfg.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     labels = [c[0] for c in CATEGORIES[: cfg.num_classes]]
@@ -345,14 +343,14 @@ def synthesize(cfg) -> Path:
         truth.append({"id": pid, "image_informative": img_ok, "image_mode": mode, "text_informative": txt_ok})
     planted = _plant_bad_rows(out, rows, labels, np.random.default_rng([cfg.seed, 10**9])) if cfg.bad_rows else []
     table = out / f"products.{cfg.format}"
-    _write_table(table, rows, cfg.format)
-    (out / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
+    write_atomic(table, _table_bytes(rows, cfg.format))
+    write_atomic(out / "labels.txt", "".join(f"{label}\n" for label in labels))
     meta = {"seed": cfg.seed, "num_products": cfg.num_products, "labels": labels,
             "rates": {"image_informative": IMAGE_INFORMATIVE_P, "text_informative": TEXT_INFORMATIVE_P,
                       "description_empty": DESCRIPTION_EMPTY_P}, "products": truth}
-    (out / "synth.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    write_atomic(out / "synth.json", json.dumps(meta, indent=1))
     if cfg.bad_rows:
-        (out / "planted.json").write_text(json.dumps({"table": table.name, "labels_file": "labels.txt",
-                                                      "rows": planted}, indent=1, ensure_ascii=False), encoding="utf-8")
+        write_atomic(out / "planted.json", json.dumps({"table": table.name, "labels_file": "labels.txt",
+                                                       "rows": planted}, indent=1, ensure_ascii=False))
     print(f"wrote {len(rows)} products ({len(planted)} planted bad rows) over {len(labels)} categories -> {table}")
     return table

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mmcat.config import ConfigError, PackConfig, TrainRunConfig, load_config
+from mmcat.config import ConfigError, PackConfig, SynthConfig, TrainRunConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,3 +180,38 @@ def test_readme_config_table_names_every_schema_key_and_nothing_else():
     assert sorted(set(schema) - set(readme)) == [], "schema keys missing from README's config table"
     assert sorted(set(readme) - set(schema)) == [], "README's config table names keys the schema does not have"
     assert len(readme) == len(set(readme)), "a key is listed twice"
+
+
+@pytest.mark.parametrize("schema, override, message", [
+    (TrainRunConfig, "model.fusion=sum",
+     "config key 'model.fusion': 'sum' is not one of concat, late, gated, attention"),
+    (TrainRunConfig, "train.precision=fp8", "config key 'train.precision': 'fp8' is not one of no, bf16, fp16"),
+    (TrainRunConfig, "model.text.pooling=max", "config key 'model.text.pooling': 'max' is not one of mean, cls"),
+    (TrainRunConfig, "model.image.name=vit",
+     "config key 'model.image.name': 'vit' is not one of resnet18, resnet34, resnet50, resnet101"),
+    (PackConfig, "resize_mode=fit", "config key 'resize_mode': 'fit' is not one of shorter, center_crop, keep, border"),
+    (PackConfig, "format=xls", "config key 'format': 'xls' is not one of auto, csv, jsonl, parquet"),
+    (SynthConfig, "format=auto", "config key 'format': 'auto' is not one of csv, jsonl, parquet"),
+])
+def test_closed_sets_refuse_other_values_in_one_line(schema, override, message):
+    required = {TrainRunConfig: ["data.root=/d", "output_dir=/o"], PackConfig: ["input=a", "out=b"],
+                SynthConfig: ["out=b"]}[schema]
+    with pytest.raises(ConfigError) as err:
+        load_config(schema, None, [*required, override])
+    assert str(err.value) == message
+
+
+def test_closed_set_values_read_print_and_save_as_plain_strings(tmp_path):
+    """Code compares them with strings, fingerprints and logs print them, best/config.yaml must load again."""
+    from mmcat.config import to_container, to_yaml
+
+    cfg = load_config(TrainRunConfig, None, ["data.root=/d", "output_dir=/o", "model.fusion=late",
+                                             "train.precision=bf16", "model.text.pooling=cls"])
+    assert cfg.model.fusion == "late" and cfg.model.fusion != "gated" and {"late": 1}[cfg.model.fusion] == 1
+    assert (str(cfg.model.fusion), f"{cfg.train.precision}", "%s" % cfg.model.text.pooling) == ("late", "bf16", "cls")
+    assert to_container(cfg)["model"]["fusion"] == "late" and type(to_container(cfg)["model"]["fusion"]) is str
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(cfg))
+    assert "fusion: late" in saved.read_text() and "precision: bf16" in saved.read_text()
+    again = load_config(TrainRunConfig, saved)
+    assert (again.model.fusion, again.train.precision, again.model.text.pooling) == ("late", "bf16", "cls")

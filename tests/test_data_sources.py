@@ -12,9 +12,10 @@ import torch
 from _shards import LABELS, write_img2dataset, write_packed, write_split
 from mmcat.config import TrainRunConfig, load_config
 from mmcat.data import DataError, label_counts, read_labels, split_sizes
-from mmcat.data.samples import BadSample, LabelReader, decode_image, jpeg_size
+from mmcat.data.samples import BadSample, LabelReader, decode_image
 from mmcat.data.transforms import (IMAGENET_MEAN, color_jitter, eval_view, random_resized_crop_box, to_pixel_values,
                                    train_view)
+from mmcat.images import jpeg_size
 
 
 def data_cfg(root, *overrides):
@@ -80,6 +81,20 @@ def test_jpeg_decode_reduces_large_images_but_never_below_the_output_size():
     assert jpeg_size(png) is None and decode_image(png, 32).shape == (50, 60, 3)
     with pytest.raises(BadSample):
         decode_image(data[: len(data) // 3], 224)
+
+
+def test_decode_scaled_reduces_by_the_side_the_caller_resizes_by():
+    """The one reduced-scale JPEG decode of pack (shorter or longer side, BGR) and the loader (shorter side, RGB)."""
+    from mmcat.images import decode_scaled
+
+    img = np.random.default_rng(0).integers(0, 255, (600, 800, 3), dtype=np.uint8)
+    data = cv2.imencode(".jpg", img)[1].tobytes()
+    assert decode_scaled(data, 600, 100).shape == (150, 200, 3)  # shorter side 600: 1/4 keeps it >= 100
+    assert decode_scaled(data, 800, 100).shape == (75, 100, 3)  # longer side 800 (pack's border mode): 1/8
+    assert decode_scaled(data, None, 100).shape == (600, 800, 3)  # not reducible (pack's keep mode, non-JPEG)
+    bgr, rgb = decode_scaled(data, 600, 300), decode_scaled(data, 600, 300, rgb=True)
+    assert np.array_equal(bgr[..., ::-1], rgb) and rgb.shape == (300, 400, 3)
+    assert decode_scaled(b"not an image", None, 10) is None
 
 
 def test_transforms_shapes_determinism_and_normalisation():

@@ -6,9 +6,8 @@ import os
 import pytest
 import torch
 
-from mmcat.config import TrainRunConfig, load_config
+from mmcat.config import Fusion, TrainRunConfig, load_config
 from mmcat.models import ModelLoadError, build_model, load_tokenizer
-from mmcat.models.fusion import FUSIONS
 from mmcat.models.image import ImageEncoder
 from mmcat.models.text import MINILM_NAMES, resolve_text_model
 from mmcat.models.tiny import make_tiny_text_model
@@ -37,7 +36,7 @@ def batch(tokenizer, n=4):
             "has_text": torch.tensor([True, False, True, True][:n])}
 
 
-@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("fusion", [f.value for f in Fusion])
 def test_fusion_heads_forward_backward_with_masks(tiny_text, fusion):
     cfg = model_cfg(tiny_text, f"model.fusion={fusion}", "model.modality_dropout=0.5")
     model = build_model(cfg, NUM_LABELS)
@@ -152,3 +151,18 @@ def test_image_weights_imagenet_cache_and_state_dict_path(tmp_path, monkeypatch)
     assert torch.equal(ImageEncoder("resnet18", "imagenet").backbone.conv1.weight, source.backbone.conv1.weight)
     with pytest.raises(ModelLoadError, match="does not match"):
         ImageEncoder("resnet34", str(path))
+
+
+def test_masked_mean_leaves_padding_out(tiny_text):
+    """The one pooling of the text encoder (pooling=mean) and the attention fusion head."""
+    from mmcat.models.text import masked_mean
+
+    states = torch.arange(2 * 3 * 2, dtype=torch.float32).view(2, 3, 2)  # [[0,1],[2,3],[4,5]], [[6,7],...]
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    assert torch.equal(masked_mean(states, mask), torch.tensor([[1.0, 2.0], [0.0, 0.0]]))
+    encoder = build_model(model_cfg(tiny_text, "model.text.pooling=mean"), NUM_LABELS).text_encoder.eval()
+    b = batch(load_tokenizer(model_cfg(tiny_text).text))
+    with torch.no_grad():
+        pooled, tokens = encoder(b["input_ids"], b["attention_mask"])
+    n = int(b["attention_mask"][3].sum())  # "wool hat": shorter than the longest text, so padded
+    assert n < tokens.shape[1] and torch.allclose(pooled[3], tokens[3, :n].mean(0), atol=1e-6)

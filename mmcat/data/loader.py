@@ -31,7 +31,6 @@ Do not pass the train loader through ``accelerator.prepare``: it is already spli
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -49,6 +48,7 @@ from torch.utils.data import DataLoader, get_worker_info
 from mmcat.data.samples import IMAGE_EXTS, BadSample, BadSampleCounter, LabelReader, decode_image, parse_sample
 from mmcat.data.sources import DataError, ShardSource, all_shards, read_labels, shard_sources, total_samples
 from mmcat.data.transforms import eval_view, to_pixel_values, train_view
+from mmcat.hashing import stable_seed
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenization runs in loader workers, one thread each
 log = logging.getLogger(__name__)
@@ -66,11 +66,6 @@ class LoaderInfo:
 
 
 # --------------------------------------------------------------------------------------------- deterministic plan
-def stable_seed(*parts: Any) -> int:
-    """A seed from ints/strings that is the same in every process (``hash(str)`` is salted per process)."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
 def epoch_shard_order(shards: Sequence[str], seed: int, epoch: int) -> List[str]:
     """The epoch's global shard order: identical on every rank, different every epoch."""
     order = sorted(shards)

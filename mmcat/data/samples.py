@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
-import cv2
 import numpy as np
+
+from mmcat.images import decode_scaled, jpeg_size
 
 log = logging.getLogger(__name__)
 
@@ -128,43 +129,11 @@ def parse_sample(raw: Dict[str, Any], labels: LabelReader) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ image decode
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_REDUCE_FLAGS = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2}
-
-
-def jpeg_size(data: bytes) -> Optional[Tuple[int, int]]:
-    """(height, width) from a JPEG's frame header, or None when ``data`` is not a readable JPEG header."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    i, n = 2, len(data)
-    while i + 9 < n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
-            i += 2
-            continue
-        if marker in _SOF:
-            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return None
-
-
 def decode_image(data: bytes, min_side: int) -> np.ndarray:
-    """Decode to an RGB uint8 HxWx3 array. Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
-    scaling, like PIL's ``draft``) as long as the shorter side stays >= ``min_side``: several times faster and
-    equivalent to the resize that follows."""
-    flags = cv2.IMREAD_COLOR_RGB
+    """Decode to an RGB uint8 HxWx3 array. Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale as long as the shorter
+    side stays >= ``min_side`` (:func:`mmcat.images.decode_scaled`, shared with ``mmcat pack``)."""
     size = jpeg_size(data)
-    if size is not None:
-        for factor, reduced in _REDUCE_FLAGS.items():
-            if min(size) // factor >= min_side:
-                flags = (reduced & ~cv2.IMREAD_COLOR) | cv2.IMREAD_COLOR_RGB
-                break
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    img = decode_scaled(data, min(size) if size is not None else None, min_side, rgb=True)
     if img is None or img.ndim != 3 or img.shape[0] < 1 or img.shape[1] < 1:
         raise BadSample("image does not decode (corrupt or truncated)")
     return img

@@ -8,7 +8,6 @@ which is how shards written by other tools (img2dataset, ``webdataset.ShardWrite
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import re
@@ -19,6 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import braceexpand
 import webdataset as wds
+
+from mmcat.files import read_json
 
 log = logging.getLogger(__name__)
 
@@ -84,25 +85,16 @@ def _expand(entry: str, split: str) -> List[str]:
     return shards
 
 
-def _read_json(path: Path) -> Optional[Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
-
-
 def _known_sizes(shards: Sequence[str]) -> Dict[str, int]:
     """Sample counts from ``sizes.json`` next to the shards (open_clip format) or img2dataset ``*_stats.json``."""
     sizes: Dict[str, int] = {}
     for folder in sorted({os.path.dirname(s) for s in shards}):
-        table = _read_json(Path(folder) / "sizes.json") or {}
+        table = read_json(Path(folder) / "sizes.json", DataError, missing_ok=True) or {}
         for name, n in table.items():
             sizes[os.path.join(folder, name)] = int(n)
     for shard in shards:
         if shard not in sizes:  # img2dataset writes 00000.tar + 00000_stats.json {"successes": n}
-            stats = _read_json(Path(shard[: -len(".tar")] + "_stats.json"))
+            stats = read_json(Path(shard[: -len(".tar")] + "_stats.json"), DataError, missing_ok=True)
             if stats and "successes" in stats:
                 sizes[shard] = int(stats["successes"])
     return {s: sizes[s] for s in shards if s in sizes}
@@ -207,7 +199,7 @@ def read_labels(data_cfg: Any) -> List[str]:
 
 def read_manifest(data_cfg: Any) -> Optional[Dict[str, Any]]:
     path = _find(data_cfg, root_entries(data_cfg)[0], "manifest.json")
-    return _read_json(path) if path is not None else None
+    return read_json(path, DataError, missing_ok=True) if path is not None else None
 
 
 def label_counts(data_cfg: Any, split: str) -> List[int]:
@@ -358,8 +350,8 @@ def _check_text_length(cfg: Any) -> None:
     folder = Path(resolve_text_model(str(cfg.model.text.name)))
     if not folder.is_dir():
         return
-    conf = _read_json(folder / "config.json") or {}
-    tok = _read_json(folder / "tokenizer_config.json") or {}
+    conf = read_json(folder / "config.json", DataError, missing_ok=True) or {}
+    tok = read_json(folder / "tokenizer_config.json", DataError, missing_ok=True) or {}
     limits = [int(conf["max_position_embeddings"])] if isinstance(conf.get("max_position_embeddings"), int) else []
     if isinstance(tok.get("model_max_length"), int) and tok["model_max_length"] < 10**6:  # else "no limit" sentinel
         limits.append(tok["model_max_length"])  # e.g. RoBERTa: 514 positions, 512 tokens

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmcat.models.fusion import FUSIONS, MultimodalClassifier
+from mmcat.models.fusion import MultimodalClassifier
 from mmcat.models.image import ImageEncoder, build_image_encoder
 from mmcat.models.text import ModelLoadError, TextEncoder, build_text_encoder, load_tokenizer
 
@@ -11,9 +11,8 @@ from mmcat.models.text import ModelLoadError, TextEncoder, build_text_encoder, l
 def build_model(model_cfg: Any, num_labels: int) -> MultimodalClassifier:
     return MultimodalClassifier(
         build_image_encoder(model_cfg.image), build_text_encoder(model_cfg.text), num_labels,
-        fusion=str(model_cfg.fusion), hidden_dim=int(model_cfg.hidden_dim), dropout=float(model_cfg.dropout),
+        fusion=model_cfg.fusion, hidden_dim=int(model_cfg.hidden_dim), dropout=float(model_cfg.dropout),
         modality_dropout=float(model_cfg.modality_dropout))
 
 
-__all__ = ["build_model", "MultimodalClassifier", "ImageEncoder", "TextEncoder", "load_tokenizer", "FUSIONS",
-           "ModelLoadError"]
+__all__ = ["build_model", "MultimodalClassifier", "ImageEncoder", "TextEncoder", "load_tokenizer", "ModelLoadError"]

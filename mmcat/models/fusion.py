@@ -20,7 +20,9 @@ from typing import Dict, List, Union
 import torch
 from torch import nn
 
-FUSIONS = ("concat", "late", "gated", "attention")
+from mmcat.config import Fusion
+from mmcat.models.text import masked_mean
+
 Mask = Union[torch.Tensor, bool]
 
 
@@ -33,8 +35,7 @@ class MultimodalClassifier(nn.Module):
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, num_labels: int, fusion: str = "gated",
                  hidden_dim: int = 256, dropout: float = 0.1, modality_dropout: float = 0.0) -> None:
         super().__init__()
-        if fusion not in FUSIONS:
-            raise ValueError(f"model.fusion must be one of {', '.join(FUSIONS)}, got '{fusion}'")
+        fusion = Fusion(fusion)  # a plain string from Python callers; the config already holds a Fusion
         if not 0.0 <= modality_dropout <= 1.0:
             raise ValueError(f"model.modality_dropout must be in [0, 1], got {modality_dropout}")
         self.image_encoder = image_encoder
@@ -45,12 +46,12 @@ class MultimodalClassifier(nn.Module):
         self.text_proj = nn.Sequential(nn.Linear(text_encoder.out_dim, h), nn.LayerNorm(h))
         self.missing_image = nn.Parameter(torch.randn(h) * 0.02)
         self.missing_text = nn.Parameter(torch.randn(h) * 0.02)
-        if fusion == "concat":
+        if fusion == Fusion.concat:
             self.head = _mlp(2 * h, h, num_labels, dropout)
-        elif fusion == "late":
+        elif fusion == Fusion.late:
             self.image_head = _mlp(h, h, num_labels, dropout)
             self.text_head = _mlp(h, h, num_labels, dropout)
-        elif fusion == "gated":
+        elif fusion == Fusion.gated:
             self.gate = nn.Linear(2 * h, 2)
             self.head = _mlp(h, h, num_labels, dropout)
         else:
@@ -95,13 +96,13 @@ class MultimodalClassifier(nn.Module):
         img = torch.where(has_image[:, None], img, self.missing_image.to(img.dtype).expand_as(img))
         txt = torch.where(has_text[:, None], txt, self.missing_text.to(txt.dtype).expand_as(txt))
 
-        if self.fusion == "concat":
+        if self.fusion == Fusion.concat:
             return self.head(torch.cat([img, txt], dim=1))
-        if self.fusion == "late":
+        if self.fusion == Fusion.late:
             w = self._availability(has_image, has_text, img.dtype)
             logits = w[:, :1] * self.image_head(img) + w[:, 1:] * self.text_head(txt)
             return logits / w.sum(dim=1, keepdim=True)
-        if self.fusion == "gated":
+        if self.fusion == Fusion.gated:
             avail = self._availability(has_image, has_text, img.dtype) > 0
             scores = self.gate(torch.cat([img, txt], dim=1)).masked_fill(~avail, float("-inf"))
             g = torch.softmax(scores.float(), dim=1).to(img.dtype)
@@ -115,9 +116,7 @@ class MultimodalClassifier(nn.Module):
         q = torch.where(has_text[:, None, None], q, self.missing_text.to(q.dtype).expand_as(q))
         attended, _ = self.cross_attention(q, kv, kv, need_weights=False)
         x = self.cross_norm(q + attended)
-        mask = attention_mask.unsqueeze(-1).to(x.dtype)
-        pooled = (x * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.head(torch.cat([pooled, img, txt], dim=1))
+        return self.head(torch.cat([masked_mean(x, attention_mask), img, txt], dim=1))
 
     # ------------------------------------------------------------------------------------------- optimisation
     def param_groups(self, lr_image: float, lr_text: float, lr_head: float, weight_decay: float) -> List[Dict]:

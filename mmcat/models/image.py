@@ -14,11 +14,9 @@ import torch
 import torchvision
 from torch import nn
 
+from mmcat.config import ResNet
 from mmcat.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
 from mmcat.models.text import ModelLoadError
-
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
 def imagenet_weights_path(name: str) -> Tuple[str, str]:
@@ -63,8 +61,7 @@ def _download(url: str, path: str, name: str) -> None:
 
 
 def build_resnet(name: str, weights: str) -> nn.Module:
-    if name not in RESNETS:
-        raise ValueError(f"model.image.name must be one of {', '.join(RESNETS)}, got '{name}'")
+    name = ResNet(name).value  # a plain string from Python callers; the config already holds a ResNet
     net = torchvision.models.get_model(name, weights=None)
     net.fc = nn.Identity()
     if weights == "none":

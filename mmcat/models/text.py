@@ -15,6 +15,8 @@ from typing import Any, Tuple
 import torch
 from torch import nn
 
+from mmcat.config import Pooling
+
 MINILM_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
 
 
@@ -66,29 +68,32 @@ def load_text_backbone(text_cfg: Any) -> nn.Module:
     return AutoModel.from_config(config)
 
 
+def masked_mean(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``states`` [B, L, D] over the positions where ``attention_mask`` [B, L] is 1 (padding left out);
+    an all-padding row gives zeros."""
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)
+    return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
 class TextEncoder(nn.Module):
     """Returns (pooled [B, D], token states [B, L, D]) for ``input_ids`` / ``attention_mask``."""
 
     def __init__(self, backbone: nn.Module, pooling: str = "mean") -> None:
         super().__init__()
-        if pooling not in ("mean", "cls"):
-            raise ValueError(f"model.text.pooling must be 'mean' or 'cls', got '{pooling}'")
         if getattr(backbone, "pooler", None) is not None:
             # we pool last_hidden_state ourselves; an unused pooler leaves parameters without gradients, which
             # DDP rejects ("Expected to have finished reduction") and which would only waste optimizer state
             backbone.pooler = None
         self.backbone = backbone
-        self.pooling = pooling
+        self.pooling = Pooling(pooling)  # a plain string from Python callers; the config already holds a Pooling
         self.out_dim = int(backbone.config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.pooling == "cls":
+        if self.pooling == Pooling.cls:
             return states[:, 0], states
-        mask = attention_mask.unsqueeze(-1).to(states.dtype)
-        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return pooled, states
+        return masked_mean(states, attention_mask), states
 
 
 def build_text_encoder(text_cfg: Any) -> TextEncoder:
-    return TextEncoder(load_text_backbone(text_cfg), str(text_cfg.pooling))
+    return TextEncoder(load_text_backbone(text_cfg), text_cfg.pooling)

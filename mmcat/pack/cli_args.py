@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from mmcat.config import PackConfig
+from mmcat.config import InputFormat, PackConfig, ResizeMode
 
 _D = PackConfig()  # defaults shown in --help come from the schema, the single source of truth
 
@@ -12,7 +12,7 @@ def add_pack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="product table: .csv/.tsv, .jsonl or .parquet")
     p.add_argument("--out", required=True, help="output dataset dir")
     p.add_argument("--config", help="YAML with PackConfig keys (flags given here win)")
-    p.add_argument("--format", choices=["auto", "csv", "jsonl", "parquet"], help="table format (default: auto)")
+    p.add_argument("--format", choices=[f.value for f in InputFormat], help="table format (default: auto)")
     p.add_argument("--images-root", dest="images_root", help="image paths are relative to this (default: table's dir)")
     p.add_argument("--id-column", dest="id_column", help=f"default: {_D.id_column}")
     p.add_argument("--image-column", dest="image_column", help=f"default: {_D.image_column}")
@@ -23,7 +23,7 @@ def add_pack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--splits", help="name=fraction,... (default: train=0.8,val=0.1,test=0.1)")
     p.add_argument("--seed", type=int, help=f"split/order seed (default: {_D.seed})")
     p.add_argument("--image-size", dest="image_size", type=int, help=f"default: {_D.image_size}")
-    p.add_argument("--resize-mode", dest="resize_mode", choices=["shorter", "center_crop", "keep", "border"],
+    p.add_argument("--resize-mode", dest="resize_mode", choices=[m.value for m in ResizeMode],
                    help="shorter: shorter side -> size (never upscales); center_crop: square crop; "
                    "keep: no resize; border: fit in a white square (default: shorter)")
     p.add_argument("--jpeg-quality", dest="jpeg_quality", type=int, help=f"default: {_D.jpeg_quality}")

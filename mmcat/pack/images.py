@@ -1,9 +1,9 @@
 """Photo bytes -> normalized RGB JPEG bytes with OpenCV, or a failure reason.
 
 Why this shape: PIL reads only the header (size, mode, EXIF orientation) so the pixel-count guard against
-decompression bombs runs *before* any pixel is allocated; OpenCV then decodes from memory. For JPEGs the decoder
-is asked for a 1/2, 1/4 or 1/8 scale directly (``IMREAD_REDUCED_COLOR_*``: DCT-domain scaling, several times faster
-than a full decode + resize) whenever the reduced image is still at least the target size. ``IMREAD_COLOR`` applies
+decompression bombs runs *before* any pixel is allocated; OpenCV then decodes from memory. JPEGs are decoded at 1/2,
+1/4 or 1/8 scale directly whenever the reduced image is still at least the target size
+(:func:`mmcat.images.decode_scaled`, shared with the training loader). ``IMREAD_COLOR`` applies
 the EXIF orientation, converts grayscale/CMYK to BGR and 16-bit to 8-bit; images with an alpha channel
 (RGBA, LA, palette PNG with transparency) go through ``IMREAD_UNCHANGED`` and are composited on white.
 """
@@ -21,7 +21,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-RESIZE_MODES = ("shorter", "center_crop", "keep", "border")
+from mmcat.config import ResizeMode
+from mmcat.images import decode_scaled
 
 # EXIF orientation -> OpenCV ops (used only on the IMREAD_UNCHANGED path; IMREAD_COLOR applies it itself)
 _EXIF_OPS = {
@@ -80,15 +81,11 @@ def _jpeg_truncated(data: bytes) -> bool:
     return sos < 0 or data.rfind(b"\xff\xd9") < sos
 
 
-def _reduction_flag(w: int, h: int, size: int, mode: str) -> Tuple[int, int]:
-    """Largest JPEG decode-time reduction that keeps the side we resize by >= size."""
-    if mode == "keep":
-        return cv2.IMREAD_COLOR, 1
-    side = max(w, h) if mode == "border" else min(w, h)
-    for factor, flag in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2)):
-        if side // factor >= size:
-            return flag, factor
-    return cv2.IMREAD_COLOR, 1
+def _resize_side(w: int, h: int, mode: str) -> Optional[int]:
+    """The side that ``_resize`` scales to ``size`` (None: ``keep`` does not resize, so no decode-time reduction)."""
+    if mode == ResizeMode.keep:
+        return None
+    return max(w, h) if mode == ResizeMode.border else min(w, h)
 
 
 def _to_8bit(img: np.ndarray) -> np.ndarray:
@@ -113,15 +110,15 @@ def _down(scale: float) -> int:
 
 def _resize(img: np.ndarray, size: int, mode: str) -> np.ndarray:
     h, w = img.shape[:2]
-    if mode == "keep":
+    if mode == ResizeMode.keep:
         return img
-    if mode == "shorter":
+    if mode == ResizeMode.shorter:
         scale = size / min(w, h)
         if scale >= 1.0:  # never upscale: the training pipeline resizes anyway, bigger files buy nothing
             return img
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
         return cv2.resize(img, (nw, nh), interpolation=_down(scale))
-    if mode == "center_crop":
+    if mode == ResizeMode.center_crop:
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
         img = cv2.resize(img, (nw, nh), interpolation=_down(scale))
@@ -138,8 +135,7 @@ def _resize(img: np.ndarray, size: int, mode: str) -> np.ndarray:
 def process_image(data: bytes, size: int, mode: str = "shorter", quality: int = 90,
                   max_pixels: int = 89_478_485) -> ProcessedImage:
     """Decode ``data`` (any format OpenCV reads), fix orientation/colour, resize, re-encode as an RGB JPEG."""
-    if mode not in RESIZE_MODES:
-        raise ValueError(f"resize mode {mode!r} is not one of {RESIZE_MODES}")
+    mode = ResizeMode(mode)  # a plain string from Python callers; the config already holds a ResizeMode
     if not data:
         raise ImageError("image_empty", "0 bytes")
     im, w, h = _header(data, max_pixels)
@@ -168,8 +164,7 @@ def process_image(data: bytes, size: int, mode: str = "shorter", quality: int = 
         for op, arg in _EXIF_OPS.get(orientation, []):  # IMREAD_UNCHANGED ignores EXIF orientation
             img = cv2.rotate(img, arg) if op == "rot" else cv2.flip(img, arg)
     else:
-        flag, _ = _reduction_flag(w, h, size, mode) if fmt == "JPEG" else (cv2.IMREAD_COLOR, 1)
-        img = cv2.imdecode(buf, flag)
+        img = decode_scaled(data, _resize_side(w, h, mode) if fmt == "JPEG" else None, size)
         if img is None:
             raise ImageError("image_undecodable", f"{fmt} {pil_mode}")
     if pil_mode in ("L", "I;16", "I", "LA", "1"):

@@ -14,15 +14,22 @@ from mmcat.pack.split import split_warnings
 from mmcat.pack.writer import write_json_atomic, writing
 
 
-def split_summary(records: Iterable[dict], labels: List[str]) -> dict:
-    """Per-split totals from the state records of its shards (records without a shard add only failures)."""
-    shards, counts = [], Counter()
-    for rec in records:
-        counts.update(rec["label_counts"])
-        if rec.get("name"):
-            shards.append({"name": rec["name"], "samples": rec["samples"], "bytes": rec["bytes"]})
+def split_summary(shards: Iterable[dict], label_counts: Iterable[Mapping[str, int]], labels: List[str]) -> dict:
+    """A split's manifest entry: its shards (``{name, samples, bytes}``, in order) and the label counts of its
+    parts added up (the shard records of one pack, or the slices' summaries in pack-merge)."""
+    shards, counts = list(shards), Counter()
+    for part in label_counts:
+        counts.update(part)
     return {"samples": sum(s["samples"] for s in shards), "shards": shards,
             "label_counts": {label: counts.get(label, 0) for label in labels}}
+
+
+def records_summary(records: Iterable[dict], labels: List[str]) -> dict:
+    """:func:`split_summary` from the state records of a split's shards (records without a shard add only
+    failures)."""
+    records = list(records)
+    shards = [{"name": r["name"], "samples": r["samples"], "bytes": r["bytes"]} for r in records if r.get("name")]
+    return split_summary(shards, (r["label_counts"] for r in records), labels)
 
 
 def failure_summary(failures: List[dict]) -> dict:

@@ -10,18 +10,12 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 from mmcat.config import ConfigError
 from mmcat.pack import print_warnings
-from mmcat.pack.manifest import build_manifest, sort_failures, write_dataset_files
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: unreadable ({type(exc).__name__})") from None
+from mmcat.files import read_json
+from mmcat.pack.manifest import build_manifest, sort_failures, split_summary, write_dataset_files
 
 
 def merge_slices(out_dir: str | Path) -> dict:
@@ -32,28 +26,22 @@ def merge_slices(out_dir: str | Path) -> dict:
     first = next((d for d in slice_dirs if (d / "manifest.json").is_file()), None)
     if first is None:
         raise ConfigError(f"{out}: no slice has finished (no slices/slice-*/manifest.json)")
-    n = int(_read_json(first / "manifest.json")["slices"])
+    n = int(read_json(first / "manifest.json", ConfigError)["slices"])
     manifests = []
     for i in range(n):
         path = out / "slices" / f"slice-{i:03d}" / "manifest.json"
         if not path.is_file():
             raise ConfigError(f"slice {i} of {n} is not complete ({path} missing): re-run it with --resume")
-        manifests.append(_read_json(path))
+        manifests.append(read_json(path, ConfigError))
     ref = manifests[0]
     for i, m in enumerate(manifests):
         if m["slices"] != n or m["labels"] != ref["labels"] or m["settings"] != ref["settings"]:
             raise ConfigError(f"slice {i}: labels/settings differ from slice 0 (slices of different runs?)")
 
     labels: List[str] = ref["labels"]
-    splits: Dict[str, dict] = {}
-    for name in ref["splits"]:
-        shards, counts = [], Counter()
-        for m in manifests:
-            info = m["splits"][name]
-            shards.extend(info["shards"])
-            counts.update(info["label_counts"])
-        splits[name] = {"samples": sum(s["samples"] for s in shards), "shards": shards,
-                        "label_counts": {label: counts.get(label, 0) for label in labels}}
+    splits = {name: split_summary([s for m in manifests for s in m["splits"][name]["shards"]],
+                                  [m["splits"][name]["label_counts"] for m in manifests], labels)
+              for name in ref["splits"]}
     failures: List[dict] = []
     notes: Counter = Counter()
     for i in range(n):

@@ -16,8 +16,7 @@ import cv2
 from tqdm import tqdm
 
 from mmcat.config import ConfigError
-from mmcat.pack.images import RESIZE_MODES
-from mmcat.pack.manifest import build_manifest, sort_failures, split_summary, sum_notes, write_dataset_files
+from mmcat.pack.manifest import build_manifest, records_summary, sort_failures, sum_notes, write_dataset_files
 from mmcat.pack.plan import Task, build_plan
 from mmcat.pack.sources import detect_format, read_table
 from mmcat.pack.split import check_splits
@@ -51,7 +50,6 @@ def _validate(cfg) -> Dict[str, float]:
     checks = [
         (cfg.image_size >= 8, "image_size", "must be >= 8"),
         (1 <= cfg.jpeg_quality <= 100, "jpeg_quality", "must be within 1..100"),
-        (cfg.resize_mode in RESIZE_MODES, "resize_mode", f"must be one of {', '.join(RESIZE_MODES)}"),
         (cfg.max_samples_per_shard >= 1, "max_samples_per_shard", "must be >= 1"),
         (cfg.max_shard_bytes >= 1e4, "max_shard_bytes", "must be >= 10000"),
         (cfg.max_image_pixels >= 1, "max_image_pixels", "must be >= 1"),
@@ -190,7 +188,7 @@ def pack(cfg) -> dict:
     all_records = [r for recs in records.values() for r in recs]
     failures = sort_failures([f for f in plan.rejected if layout.owns_row(f["row"])]
                              + [f for r in all_records for f in r["failures"]])
-    summaries = {split: split_summary(records[split], plan.labels) for split in splits}
+    summaries = {split: records_summary(records[split], plan.labels) for split in splits}
     manifest = build_manifest(settings, plan.labels, summaries, failures, sum_notes(all_records))
     if layout.sliced:
         # one slice's splits say nothing about the dataset's: pack-merge warns about the merged splits

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from mmcat.config import ConfigError
-from mmcat.pack.split import assign_splits, keyed_hash
+from mmcat.hashing import stable_hash
+from mmcat.pack.split import assign_splits
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _SUFFIXED = re.compile(r"_[0-9a-f]{8}$")  # the shape of a hash suffix
@@ -56,7 +57,7 @@ def safe_key(id_: str) -> str:
     clean = _UNSAFE.sub("_", id_)[:80]
     if clean == id_ and not _SUFFIXED.search(id_):
         return clean
-    return f"{clean}_{keyed_hash(0, 'key', id_) & 0xFFFFFFFF:08x}"  # the suffix keeps "a.b" and "a_b" apart
+    return f"{clean}_{stable_hash(0, 'key', id_) & 0xFFFFFFFF:08x}"  # the suffix keeps "a.b" and "a_b" apart
 
 
 def normalize_text(value: str) -> Optional[str]:

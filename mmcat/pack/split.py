@@ -8,11 +8,11 @@ input table is sorted by category, and adding rows later does not reshuffle the 
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 from mmcat.config import ConfigError
+from mmcat.hashing import stable_hash
 
 
 def parse_splits(spec: str) -> Dict[str, float]:
@@ -44,10 +44,6 @@ def check_splits(splits: Mapping[str, float]) -> Dict[str, float]:
     return splits
 
 
-def keyed_hash(seed: int, purpose: str, item: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}\0{purpose}\0{item}".encode(), digest_size=8).digest(), "big")
-
-
 def allocate(n: int, fractions: Sequence[float]) -> List[int]:
     """Split n into integer counts proportional to fractions (largest remainder; ties go to the earlier split)."""
     exact = [n * f for f in fractions]
@@ -66,13 +62,13 @@ def assign_splits(items: Sequence[Tuple[str, str]], splits: Mapping[str, float],
     names = list(splits)
     out: Dict[str, List[str]] = {name: [] for name in names}
     for label in sorted(by_label):
-        ids = sorted(by_label[label], key=lambda i: (keyed_hash(seed, "split", i), i))
+        ids = sorted(by_label[label], key=lambda i: (stable_hash(seed, "split", i), i))
         start = 0
         for name, count in zip(names, allocate(len(ids), [splits[n] for n in names])):
             out[name].extend(ids[start:start + count])
             start += count
     for name in names:
-        out[name].sort(key=lambda i: (keyed_hash(seed, "order", i), i))
+        out[name].sort(key=lambda i: (stable_hash(seed, "order", i), i))
     return out
 
 

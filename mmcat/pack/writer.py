@@ -12,12 +12,12 @@ Any OSError while writing (disk full, quota, read-only file system, ``--out`` un
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
 from mmcat.config import ConfigError
+from mmcat.files import publish_file, temp_path, write_atomic
 from mmcat.pack.worker import Result
 
 TAR_MTIME = 946684800  # 2000-01-01: fixed so the same input gives byte-identical shards
@@ -50,17 +50,12 @@ def writing(path: Optional[Path]) -> Iterator[None]:
 
 
 def write_json_atomic(path: Path, obj, lines: bool = False) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with writing(path), open(tmp, "w", encoding="utf-8") as f:
-        if lines:
-            f.writelines(json.dumps(x, ensure_ascii=False, sort_keys=True) + "\n" for x in obj)
-        else:
-            json.dump(obj, f, ensure_ascii=False, indent=2)
-            f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    if lines:
+        text = "".join(json.dumps(x, ensure_ascii=False, sort_keys=True) + "\n" for x in obj)
+    else:
+        text = json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
     with writing(path):
-        os.replace(tmp, path)
+        write_atomic(path, text)
 
 
 class SplitWriter:
@@ -89,7 +84,7 @@ class SplitWriter:
     def _open(self) -> None:
         from webdataset import TarWriter  # imported on first use: it pulls in torch (~1.5 s), config errors stay fast
 
-        self._tmp = self.shard_dir / f".{self.name(self.index)}.tmp"
+        self._tmp = temp_path(self.shard_dir / self.name(self.index))
         with self._shard_io():
             self._file = open(self._tmp, "wb")
             self._tar = TarWriter(self._file, encoder=False, mtime=TAR_MTIME)
@@ -139,11 +134,9 @@ class SplitWriter:
         if self._tar is not None:
             final = self.shard_dir / name
             with self._shard_io():
-                self._tar.close()
-                self._file.flush()
-                os.fsync(self._file.fileno())
+                self._tar.close()  # writes the end-of-archive blocks; the file is ours to close
                 self._file.close()
-                os.replace(self._tmp, final)
+                publish_file(self._tmp, final)
             size = final.stat().st_size
         record = {"index": self.index, "name": name, "samples": self.samples, "bytes": size, "start": self.start,
                   "end": end, "label_counts": dict(zip(self.labels, self.label_counts)),

@@ -131,13 +131,14 @@ def build_accelerator(cfg: Any) -> Accelerator:
     extra: Dict[str, Any] = {}
     if use_ds:
         extra["deepspeed_plugin"] = _deepspeed_plugin(cfg)
+    precision = str(cfg.train.precision)
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if launcher_precision not in (None, "no", cfg.train.precision):  # 'no' is accelerate launch's default
+    if launcher_precision not in (None, "no", precision):  # 'no' is accelerate launch's default
         log.warning("the launcher asks for mixed precision %r, the mmcat config for %r: using train.precision=%r",
-                    launcher_precision, cfg.train.precision, cfg.train.precision)
+                    launcher_precision, precision, precision)
     accelerator = Accelerator(
         cpu=multi_cpu_ddp(),
-        mixed_precision=cfg.train.precision,
+        mixed_precision=precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+from mmcat.files import fresh_dir, publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -138,17 +139,14 @@ def save_checkpoint(accelerator, ckpt_root: Path, state: TrainerState, keep: int
     final = ckpt_root / f"step-{state.global_step}"
     tmp = ckpt_root / f"step-{state.global_step}.tmp"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        fresh_dir(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
         (tmp / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=1))
-        if final.exists():  # re-saving the same step after a resume: replace
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish_dir(tmp, final)  # fsynced; an existing step-N (re-saved after a resume) is swapped out whole
         for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint saved: %s", final)

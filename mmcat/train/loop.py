@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -15,8 +14,9 @@ from tqdm.auto import tqdm
 
 from mmcat.config import to_container, to_yaml
 from mmcat.data import iterate_batches
-from mmcat.data.loader import stable_seed
 from mmcat.evaluation import dummy_batch, evaluate, forward_batch
+from mmcat.files import write_atomic
+from mmcat.hashing import stable_seed
 from mmcat.metrics import MODES, confusion_image, format_table, summary
 from mmcat.train.accel import build_accelerator, describe, engine_name, whole_model_init
 from mmcat.train.checkpoint import (TrainerState, check_fingerprint, decide_resume, load_checkpoint,
@@ -30,12 +30,6 @@ log = logging.getLogger("mmcat.train")
 def _setup_logging(is_main: bool) -> None:
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _flat_hparams(cfg: Any) -> Dict[str, Any]:
@@ -117,7 +111,7 @@ class Trainer:
             check_fingerprint(read_fingerprint(self.resume_from), self.fingerprint, self.resume_from)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.out / "config.yaml", to_yaml(cfg))
+            write_atomic(self.out / "config.yaml", to_yaml(cfg))
         log.info("mmcat train: %s", describe(acc))
 
         self.tokenizer = load_tokenizer(cfg.model.text)
@@ -330,7 +324,7 @@ class Trainer:
                 "batches": info.batches_per_epoch, "start_batch": st.batch_in_epoch,
                 "shards": list(info.rank_shards or []),
                 "resampled": info.rank_shards is None}
-        _write_atomic(plan_dir / f"epoch-{st.epoch}-rank-{acc.process_index}.json", json.dumps(plan, indent=1))
+        write_atomic(plan_dir / f"epoch-{st.epoch}-rank-{acc.process_index}.json", json.dumps(plan, indent=1))
 
     def _log_step(self, loss: float, grad_norm: Any, force: bool) -> None:
         """``train/loss`` is the mean over the accumulation window and all ranks; the last step is always logged."""
@@ -367,7 +361,7 @@ class Trainer:
                        skipped_samples=st.skipped_samples, world_size=acc.num_processes,
                        final_weights_sha256=weights_sha256(acc.get_state_dict(self.model)))
         if acc.is_main_process:
-            _write_atomic(self.out / "metrics.json", json.dumps(results, indent=2))
+            write_atomic(self.out / "metrics.json", json.dumps(results, indent=2))
             log.info("done: %d steps, %d samples, metrics in %s", st.global_step, st.samples_seen,
                      self.out / "metrics.json")
         return DONE
