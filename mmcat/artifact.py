@@ -76,7 +76,7 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
 
     path = Path(path)
     if not (path / WEIGHTS).is_file():
-        from mmcat.config import ConfigError
+        from mmcat.errors import ConfigError
 
         raise ConfigError(f"{path} is not an mmcat model artifact (no {WEIGHTS})")
     cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), OmegaConf.load(path / "config.yaml"))

@@ -13,11 +13,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mmcat.errors import ConfigError  # noqa: F401  -- raised here; importable from here as before
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A user configuration problem; its message is one line and names the offending key or file."""
 
 
 # ----------------------------------------------------------------------------------------------- synth / pack

@@ -15,8 +15,7 @@ import torchvision
 from torch import nn
 
 from mmcat.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-from mmcat.models.text import ModelLoadError
+from mmcat.errors import ModelLoadError
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 

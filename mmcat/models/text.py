@@ -15,11 +15,9 @@ from typing import Any, Tuple
 import torch
 from torch import nn
 
+from mmcat.errors import ModelLoadError
+
 MINILM_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
-
-
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer that cannot be found; the message is one line and says what to do."""
 
 
 def resolve_text_model(name: str) -> str:

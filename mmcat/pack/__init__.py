@@ -9,7 +9,8 @@ import sys
 
 from omegaconf.errors import OmegaConfBaseException
 
-from mmcat.config import ConfigError, PackConfig, load_config
+from mmcat.config import PackConfig, load_config
+from mmcat.errors import ConfigError
 
 
 def pack(cfg) -> dict:

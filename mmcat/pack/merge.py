@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, List
 
-from mmcat.config import ConfigError
+from mmcat.errors import ConfigError
 from mmcat.pack import print_warnings
 from mmcat.pack.manifest import build_manifest, sort_failures, write_dataset_files
 

@@ -12,7 +12,7 @@ import hashlib
 import math
 from typing import Dict, List, Mapping, Sequence, Tuple
 
-from mmcat.config import ConfigError
+from mmcat.errors import ConfigError
 
 
 def parse_splits(spec: str) -> Dict[str, float]:
