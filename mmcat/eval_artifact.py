@@ -21,8 +21,8 @@ def _use_model_labels(data_cfg, model_labels, model_dir: str, data_root: str) ->
     """The shards' label list must be the model's (a class index has to mean what the model's output means). Shards
     from other tools may come without labels.json: ``json:<field>`` labels (names) are then mapped through the
     model's own labels.json; ``cls`` indices without a labels file cannot be checked, so that stays an error."""
-    from mmcat.errors import ConfigError
     from mmcat.data.shards import find_labels, read_labels
+    from mmcat.errors import ConfigError
 
     labels = find_labels(data_cfg)
     if labels is None and str(data_cfg.label_key).startswith("json:"):

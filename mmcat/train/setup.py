@@ -64,9 +64,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def build_training(cfg: Any, build_loader: LoaderBuilder = build_train_loader) -> TrainingSetup:
-    """Check the data, start the accelerator, decide on resume, write RUN_DIR/config.yaml, build the loaders' probe,
-    the model, optimizer, scheduler and loss. ``build_loader`` makes an epoch's train loader (a benchmark passes one
-    that replays batches held in memory)."""
+    """Check the data, start the accelerator, decide on resume, write RUN_DIR/config.yaml, measure the epoch (epoch
+    0's loader), build the model, optimizer, scheduler and loss. ``build_loader`` makes an epoch's train loader
+    (``build_train_loader``; a benchmark passes one that replays batches held in memory)."""
     check_data(cfg)  # bad data settings: one line before any work (splits, shards, labels)
     acc = build_accelerator(cfg)
     _setup_logging(acc.is_main_process)
