@@ -145,9 +145,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _last_line(exc: Exception) -> str:
     """The error's own line. Raised in a DataLoader worker, the message carries the worker's traceback (torch
-    re-raises the same class in the trainer with it): its last line is the error."""
+    re-raises the same class in the trainer with it): its last line is the error, after the class name."""
     lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    if not lines:
+        return type(exc).__name__
+    qualified = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return lines[-1][len(qualified):] if lines[-1].startswith(qualified) else lines[-1]
 
 
 if __name__ == "__main__":  # pragma: no cover
