@@ -6,9 +6,9 @@ with gated fusion, image size 64, batch 32, on ``mmcat synth`` products packed w
 1. Loop overhead, in this process, on the *same in-memory batches* (collected once from ``build_train_loader``):
    * hand loop: ``build_model`` + the trainer's own AdamW param groups, scheduler and loss; forward, backward,
      grad-norm clipping, step, zero_grad, scheduler step -- nothing else;
-   * trainer: the real ``mmcat.train.loop.Trainer`` whose ``_build_train_loader`` is replaced by one returning
-     those batches, so only the loop differs (accelerate wrapping, ``accumulate``, one ``reduce`` per step,
-     TensorBoard logging, tqdm). Target: trainer / hand >= 0.97.
+   * trainer: the real ``mmcat.train.loop.Trainer``, built by ``build_training(cfg, build_loader=...)`` with a
+     loader builder that returns those batches (one epoch), so only the loop differs (accelerate wrapping,
+     ``accumulate``, one ``reduce`` per step, TensorBoard logging, tqdm). Target: trainer / hand >= 0.97.
    Both are timed from the outside: the time each batch is requested is the end of the previous step. The first
    ``--warmup`` steps are left out; eval, checkpoint and start-up lie outside the timed span. Measured twice:
    runs one after the other, and step-interleaved (the batch iterator fed to the trainer runs hand-loop step i on
@@ -168,11 +168,13 @@ class Paired(Stamped):
 def trainer_in_memory(cfg: Any, batches: List[Dict[str, Any]], stamped: Stamped) -> Stamped:
     from mmcat.data.loader import LoaderInfo
     from mmcat.train.loop import Trainer
+    from mmcat.train.setup import build_training
 
-    trainer = Trainer(cfg)
-    trainer._build_train_loader = lambda *a, **k: LoaderInfo(  # type: ignore[method-assign]
-        loader=stamped, batches_per_epoch=len(batches), samples_per_epoch=len(batches) * BATCH, num_shards=0)
-    rc = trainer.run()
+    def in_memory(*args: Any, **kwargs: Any) -> LoaderInfo:  # build_train_loader's signature
+        return LoaderInfo(loader=stamped, batches_per_epoch=len(batches), samples_per_epoch=len(batches) * BATCH,
+                          num_shards=0)
+
+    rc = Trainer(build_training(cfg, build_loader=in_memory)).run()
     if rc != 0 or len(stamped.stamps) != len(batches):
         raise RuntimeError(f"trainer exited {rc} after {len(stamped.stamps)} of {len(batches)} batches")
     return stamped

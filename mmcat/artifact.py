@@ -120,6 +120,8 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
 
     path = Path(path)
     if not (path / WEIGHTS).is_file():
+        from mmcat.errors import ConfigError
+
         raise ConfigError(f"{path} is not an mmcat model artifact (no {WEIGHTS})")
     cfg = read_artifact_config(path / "config.yaml")
     labels = json.loads((path / "labels.json").read_text())

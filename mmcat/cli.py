@@ -10,8 +10,9 @@ import sys
 from typing import List, Optional
 
 from mmcat.config import ConfigError, TableFormat
+from mmcat.errors import UserError
 
-EXIT_CONFIG_ERROR = 2
+EXIT_USER_ERROR = 2  # a setting, path, sample or model the user can fix: one line, no traceback
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
@@ -52,7 +53,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from mmcat.evaluate import evaluate_cli
+    from mmcat.eval_artifact import evaluate_cli
 
     return evaluate_cli(args)
 
@@ -101,13 +102,7 @@ def _flag_overrides(args: argparse.Namespace, names: tuple) -> List[str]:
     return [f"{n}={getattr(args, n)}" for n in names if getattr(args, n, None) is not None]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from mmcat import __version__
-
-    parser = argparse.ArgumentParser(prog="mmcat", description="Multimodal product classification: pack, train, use.")
-    parser.add_argument("--version", action="version", version=f"mmcat {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_synth_parser(sub) -> None:
     p = sub.add_parser("synth", help="write a synthetic raw product dataset (table + JPEG photos)")
     p.add_argument("--out", required=True)
     p.add_argument("--num-products", dest="num_products", type=int)
@@ -118,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=[f.value for f in TableFormat])
     p.add_argument("--bad-rows", dest="bad_rows", action="store_true", help="plant bad inputs (for failure handling)")
     p.set_defaults(func=_cmd_synth)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mmcat import __version__
+
+    parser = argparse.ArgumentParser(prog="mmcat", description="Multimodal product classification: pack, train, use.")
+    parser.add_argument("--version", action="version", version=f"mmcat {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_synth_parser(sub)
 
     from mmcat.pack.cli_args import add_pack_arguments
 
@@ -175,34 +180,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"mmcat {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+    except UserError as exc:
+        print(f"mmcat {args.command}: error: {_last_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints at the step boundary)
         print(f"mmcat {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as exc:
-        code = _user_error_code(exc)
-        if code is None:
-            raise
-        # raised in a DataLoader worker, the message carries the worker's traceback: its last line is the error
-        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-        print(f"mmcat {args.command}: error: {lines[-1] if lines else type(exc).__name__}", file=sys.stderr)
-        return code
 
 
-def _user_error_code(exc: Exception) -> Optional[int]:
-    """Bad settings (data paths, splits, labels, a model that cannot be found) exit 2 like a config error; bad
-    sample content met during the work (``data.strict``) exits 1; anything else is a bug: traceback. Only modules
-    already imported are consulted (a class that was never imported cannot have been raised)."""
-    for module, name, code in (("mmcat.data.sources", "DataError", EXIT_CONFIG_ERROR),
-                               ("mmcat.models.text", "ModelLoadError", EXIT_CONFIG_ERROR),
-                               ("mmcat.models.image", "ModelLoadError", EXIT_CONFIG_ERROR),
-                               ("mmcat.data.samples", "BadSampleError", 1)):
-        cls = getattr(sys.modules.get(module), name, None)
-        if cls is not None and isinstance(exc, cls):
-            return code
-    return None
+def _last_line(exc: Exception) -> str:
+    """The error's own line. Raised in a DataLoader worker, the message carries the worker's traceback (torch
+    re-raises the same class in the trainer with it): its last line is the error, after the class name."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    qualified = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return lines[-1][len(qualified):] if lines[-1].startswith(qualified) else lines[-1]
 
 
 if __name__ == "__main__":  # pragma: no cover

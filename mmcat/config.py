@@ -16,11 +16,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Ty
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mmcat.errors import ConfigError  # noqa: F401  -- raised here; importable from here as before
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A user configuration problem; its message is one line and names the offending key or file."""
 
 
 # ------------------------------------------------------------------------------------------- closed value sets

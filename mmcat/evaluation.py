@@ -1,4 +1,5 @@
-"""Evaluation of one model in three modes from the same weights: fused, image only, text only.
+"""The evaluation loop (validation during training, final metrics, ``mmcat eval``): one model in three modes from
+the same weights: fused, image only, text only.
 
 The ablations hide a modality through the model's own masks (``has_image`` / ``has_text``), the same path the
 model learned with modality dropout, so they measure what a deployed model does when a photo or text is missing.
@@ -15,24 +16,9 @@ import torch
 from accelerate.utils import send_to_device
 
 from mmcat.data.loader import iterate_batches
-from mmcat.data.sources import DataError
+from mmcat.errors import DataError
 from mmcat.metrics import MODES, classification_metrics
-
-
-def mode_masks(batch: Dict[str, Any], mode: str):
-    has_image, has_text = batch["has_image"], batch["has_text"]
-    if mode == "image_only":
-        has_text = torch.zeros_like(has_text)
-    elif mode == "text_only":
-        has_image = torch.zeros_like(has_image)
-    return has_image, has_text
-
-
-def forward_batch(model: torch.nn.Module, batch: Dict[str, Any], mode: str = "fused") -> torch.Tensor:
-    # pixels may be uint8 or normalised float: the image encoder normalises/casts to its weights' dtype (which is
-    # bf16 under DeepSpeed bf16, where no autocast runs)
-    has_image, has_text = mode_masks(batch, mode)
-    return model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], has_image, has_text)
+from mmcat.models.fusion import forward_batch
 
 
 def dummy_batch(tokenizer: Any, image_size: int) -> Dict[str, Any]:

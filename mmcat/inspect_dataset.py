@@ -9,7 +9,7 @@ from itertools import islice
 from pathlib import Path
 from typing import List
 
-from mmcat.config import ConfigError
+from mmcat.errors import ConfigError
 from mmcat.pack import print_warnings
 from mmcat.pack.split import split_warnings
 

@@ -31,7 +31,7 @@ from typing import Dict, List, Tuple
 import cv2
 import numpy as np
 
-from mmcat.config import ConfigError
+from mmcat.errors import ConfigError
 from mmcat.files import write_atomic
 
 IMAGE_INFORMATIVE_P = 0.65

@@ -136,14 +136,14 @@ def test_two_nodes_on_localhost(tiny_packed_dataset, tiny_text, tmp_path):
     m = metrics(tmp_path / "run")
     assert m["world_size"] == 2
     all_shards = {str(p) for p in (tiny_packed_dataset / "train").glob("*.tar")}
-    plans = {}
-    for f in (tmp_path / "run" / "data_plan").glob("*.json"):
-        plan = json.loads(f.read_text())
-        plans[(plan["epoch"], plan["rank"])] = plan
-    assert sorted(plans) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    reads = {}
+    for f in (tmp_path / "run" / "shards_read").glob("*.json"):
+        record = json.loads(f.read_text())
+        reads[(record["epoch"], record["rank"])] = record
+    assert sorted(reads) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for epoch in (0, 1):
-        a, b = plans[(epoch, 0)], plans[(epoch, 1)]
+        a, b = reads[(epoch, 0)], reads[(epoch, 1)]
         assert a["batches"] == b["batches"]
         assert not set(a["shards"]) & set(b["shards"])
         assert set(a["shards"]) | set(b["shards"]) == all_shards
-    assert plans[(0, 0)]["shards"] != plans[(1, 0)]["shards"]  # reshuffled per epoch before the node split
+    assert reads[(0, 0)]["shards"] != reads[(1, 0)]["shards"]  # reshuffled per epoch before the node split

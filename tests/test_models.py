@@ -1,4 +1,5 @@
-"""MultimodalClassifier: every fusion head with modality masks, modality dropout, param groups, loading rules."""
+"""MultimodalClassifier: every fusion head with modality masks, the shared batch forward, modality dropout, param
+groups, loading rules."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from mmcat.config import Fusion, TrainRunConfig, load_config
-from mmcat.models import ModelLoadError, build_model, load_tokenizer
+from mmcat.models import ModelLoadError, build_model, forward_batch, load_tokenizer
 from mmcat.models.image import ImageEncoder
 from mmcat.models.text import MINILM_NAMES, resolve_text_model
 from mmcat.models.tiny import make_tiny_text_model
@@ -59,6 +60,19 @@ def test_fusion_heads_forward_backward_with_masks(tiny_text, fusion):
     assert torch.allclose(both[2], text_only[2], atol=1e-6)  # sample 2 had no image anyway
     assert torch.allclose(both[1], image_only[1], atol=1e-6)  # sample 1 had no text anyway
     assert torch.isfinite(neither).all()
+
+
+def test_forward_batch_hides_the_modality_its_mode_names(tiny_text):
+    """The forward pass that training, evaluation and prediction share: a batch's own masks in fused mode, one
+    modality hidden for every sample in the ablations."""
+    model = build_model(model_cfg(tiny_text, "model.fusion=concat"), NUM_LABELS).eval()
+    b = batch(load_tokenizer(model_cfg(tiny_text).text))
+    no = torch.zeros(4, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.equal(forward_batch(model, b, "fused"), model(**b))
+        assert torch.equal(forward_batch(model, b, "image_only"), model(**{**b, "has_text": no}))
+        assert torch.equal(forward_batch(model, b, "text_only"), model(**{**b, "has_image": no}))
+        assert not torch.equal(forward_batch(model, b, "image_only"), forward_batch(model, b, "text_only"))
 
 
 def test_attention_fusion_uses_image_spatial_tokens(tiny_text):

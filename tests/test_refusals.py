@@ -86,7 +86,7 @@ def test_eval_where_every_sample_would_be_skipped_says_so(no_test_run, tmp_path)
 
 def test_eval_of_data_that_does_not_exist_names_it(no_test_run, tmp_path):
     from mmcat.data import DataError
-    from mmcat.evaluate import evaluate_artifact
+    from mmcat.eval_artifact import evaluate_artifact
 
     with pytest.raises(DataError) as err:  # not "no labels file found (looked for ...)"
         evaluate_artifact(str(no_test_run / "best"), str(tmp_path / "nope"), out=str(tmp_path / "m.json"))

@@ -86,7 +86,7 @@ def test_planted_bad_rows(bad_raw_dataset: Path):
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_other_formats_hold_the_same_rows(tmp_path: Path, fmt: str):
-    from mmcat.pack.sources import read_table
+    from mmcat.pack.tables import read_table
 
     synthesize(synth_config(tmp_path / "csv", num_products=8, num_classes=2, min_side=32, max_side=40, seed=2))
     synthesize(synth_config(tmp_path / fmt, num_products=8, num_classes=2, min_side=32, max_side=40, seed=2, format=fmt))

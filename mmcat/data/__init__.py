@@ -5,8 +5,8 @@ train sample once per epoch plus the documented padding; see ``loader`` for the 
 ``build_eval_loader(data_cfg, split, tokenizer, batch_size, num_workers, rank=0, world_size=1)``.
 """
 from mmcat.data.loader import LoaderInfo, build_eval_loader, build_train_loader, iterate_batches
-from mmcat.data.samples import BadSampleError
-from mmcat.data.sources import DataError, label_counts, read_labels, split_sizes, train_shard_sizes
+from mmcat.data.shards import label_counts, read_labels, split_sizes, train_shard_sizes
+from mmcat.errors import BadSampleError, DataError
 
 __all__ = ["LoaderInfo", "iterate_batches", "build_train_loader", "build_eval_loader", "read_labels", "split_sizes",
            "label_counts", "train_shard_sizes", "DataError", "BadSampleError"]

@@ -46,9 +46,10 @@ import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
 from mmcat.data.samples import IMAGE_EXTS, BadSample, BadSampleCounter, LabelReader, decode_image, parse_sample
-from mmcat.data.sources import DataError, ShardSource, all_shards, read_labels, shard_sources, total_samples
+from mmcat.data.shards import ShardSource, all_shards, read_labels, shard_sources, total_samples
 from mmcat.data.transforms import eval_view, to_pixel_values, train_view
 from mmcat.hashing import stable_seed
+from mmcat.errors import DataError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenization runs in loader workers, one thread each
 log = logging.getLogger(__name__)
@@ -111,8 +112,9 @@ def _worker() -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------------------------ pipeline stages
 @dataclass
-class _Plan:
-    """Everything a worker needs to know which samples it yields; copied into every worker process."""
+class _StreamSpec:
+    """What one rank's sample stream is made of: everything a loader worker needs to know which samples it yields
+    (shards, mode, seeds, batch quota, resume skip); copied into every worker process."""
 
     shards: List[str]  # this rank's shards (train) or the split's shards (eval)
     shard_weights: Optional[List[float]]  # resampled mode: draw probabilities
@@ -156,12 +158,12 @@ class _Samples:
     padding that gives every worker the same batch count). Eval mode reads its shards once, in order; resampled
     mode draws shards with replacement forever."""
 
-    def __init__(self, plan: _Plan, counter: BadSampleCounter, labels: LabelReader, bufsize: int,
+    def __init__(self, spec: _StreamSpec, counter: BadSampleCounter, labels: LabelReader, bufsize: int,
                  members: _Members) -> None:
-        self.plan, self.counter, self.labels, self.bufsize, self.members = plan, counter, labels, bufsize, members
+        self.spec, self.counter, self.labels, self.bufsize, self.members = spec, counter, labels, bufsize, members
 
     def __call__(self) -> Iterator[Dict[str, Any]]:
-        p = self.plan
+        p = self.spec
         v = p.virtual_worker()
         skip = worker_skip(p.skip_batches, v, p.num_workers) * p.batch_size
         index = 0
@@ -175,7 +177,7 @@ class _Samples:
             yield sample
 
     def _checked(self, v: int) -> Iterator[Dict[str, Any]]:
-        p = self.plan
+        p = self.spec
         if p.mode == "eval":  # a rank or worker may have no eval shards: it yields nothing, the evaluator copes
             yield from self._parse(self._read(p.shards[v::p.num_workers]))
         elif p.mode == "resampled":
@@ -185,7 +187,7 @@ class _Samples:
             yield from self._epoch(v)
 
     def _epoch(self, v: int) -> Iterator[Dict[str, Any]]:
-        p = self.plan
+        p = self.spec
         mine = p.shards[v::p.num_workers]
         if not mine:
             raise DataError(f"loader worker {v} of rank {p.rank} has no shards")  # guarded earlier, kept for safety
@@ -203,7 +205,7 @@ class _Samples:
                                 f"({', '.join(os.path.basename(s) for s in mine)})")
 
     def _resampled_urls(self, v: int) -> Iterator[str]:
-        p = self.plan
+        p = self.spec
         rng = random.Random(stable_seed(p.base_seed(v), "resample"))
         while True:
             yield rng.choices(p.shards, weights=p.shard_weights)[0]
@@ -220,12 +222,12 @@ class _Samples:
                 yield sample
             read += got
             empty_in_a_row = 0 if got else empty_in_a_row + 1
-            if guard and empty_in_a_row > 2 * max(1, len(self.plan.shards)):  # would loop forever
-                raise DataError(f"no readable samples in the shards of rank {self.plan.rank} (last: {url})")
+            if guard and empty_in_a_row > 2 * max(1, len(self.spec.shards)):  # would loop forever
+                raise DataError(f"no readable samples in the shards of rank {self.spec.rank} (last: {url})")
         if expected and read > expected:
             log.warning("the shards of a loader worker of rank %d hold more samples than the size table says "
                         "(%d > %d; sizes.json is stale?): samples past the epoch's batches are not trained on",
-                        self.plan.rank, read, expected)
+                        self.spec.rank, read, expected)
 
     def _shuffle(self, src: Iterator[Dict[str, Any]], samples: int, *seed: Any) -> Iterator[Dict[str, Any]]:
         """Seeded buffer shuffle, drained to the end of ``src``; no larger than the samples it will hold."""
@@ -296,11 +298,11 @@ class _Limit:
     """Per-worker epoch length (webdataset's ``with_epoch`` takes one count for all workers; after a resume the
     workers have different numbers of batches left)."""
 
-    def __init__(self, plan: _Plan) -> None:
-        self.plan = plan
+    def __init__(self, spec: _StreamSpec) -> None:
+        self.spec = spec
 
     def __call__(self, src: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
-        p = self.plan
+        p = self.spec
         if p.batches_per_worker <= 0:
             yield from src
             return
@@ -321,18 +323,18 @@ def _uint8_pixels(data_cfg: Any) -> bool:
     return torch.cuda.is_available() if choice is None else bool(choice)
 
 
-def _pipeline(plan: _Plan, data_cfg: Any, tokenizer: Any) -> wds.DataPipeline:
-    train = plan.mode != "eval"
+def _pipeline(spec: _StreamSpec, data_cfg: Any, tokenizer: Any) -> wds.DataPipeline:
+    train = spec.mode != "eval"
     counter = BadSampleCounter(bool(data_cfg.strict))
     labels = LabelReader(str(data_cfg.label_key), read_labels(data_cfg))
     size = int(data_cfg.image_size)
     stages = [
-        _Samples(plan, counter, labels, int(data_cfg.shuffle_buffer), _Members(str(data_cfg.label_key))),
+        _Samples(spec, counter, labels, int(data_cfg.shuffle_buffer), _Members(str(data_cfg.label_key))),
         _DecodeAugment(counter, size, train, float(data_cfg.min_crop_scale)),
-        wds.batched(plan.batch_size, collation_fn=_Collate(tokenizer, int(data_cfg.max_text_length), size, counter,
+        wds.batched(spec.batch_size, collation_fn=_Collate(tokenizer, int(data_cfg.max_text_length), size, counter,
                                                             normalize=not _uint8_pixels(data_cfg)),
                     partial=not train),
-        _Limit(plan),
+        _Limit(spec),
     ]
     return wds.DataPipeline(*stages)
 
@@ -409,9 +411,9 @@ def build_train_loader(cfg: Any, tokenizer: Any, rank: int, world_size: int, epo
     per_epoch = per_worker * workers
     if not 0 <= skip_batches < per_epoch:
         raise ValueError(f"skip_batches={skip_batches} outside the epoch's {per_epoch} batches")
-    plan = _Plan(mine, weights, mode, int(cfg.seed), int(epoch), rank, world_size, workers, batch_size, per_worker,
-                 int(skip_batches), sizes)
-    dataset = _pipeline(plan, data, tokenizer).with_length(per_epoch - skip_batches, silent=True)
+    spec = _StreamSpec(mine, weights, mode, int(cfg.seed), int(epoch), rank, world_size, workers, batch_size,
+                       per_worker, int(skip_batches), sizes)
+    dataset = _pipeline(spec, data, tokenizer).with_length(per_epoch - skip_batches, silent=True)
     loader = _data_loader(dataset, num_workers, int(data.prefetch_factor))
     return LoaderInfo(loader, per_epoch, n, len(shards), int(skip_batches),
                       None if data.resampled else list(mine),
@@ -433,5 +435,5 @@ def build_eval_loader(data_cfg: Any, split: str, tokenizer: Any, batch_size: int
     ranks in lockstep and gathers predictions as objects (exact counts, see mmcat.evaluation)."""
     shards = all_shards(shard_sources(data_cfg, split, count_missing=False))[rank::world_size]
     workers = max(0, min(int(num_workers), len(shards)))
-    plan = _Plan(shards, None, "eval", 0, 0, 0, 1, max(1, workers), int(batch_size), 0)
-    return _data_loader(_pipeline(plan, data_cfg, tokenizer), workers, int(data_cfg.prefetch_factor))
+    spec = _StreamSpec(shards, None, "eval", 0, 0, 0, 1, max(1, workers), int(batch_size), 0)
+    return _data_loader(_pipeline(spec, data_cfg, tokenizer), workers, int(data_cfg.prefetch_factor))

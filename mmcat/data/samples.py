@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 
 from mmcat.images import decode_scaled, jpeg_size
+from mmcat.errors import BadSampleError
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +23,6 @@ _LOGGED_PER_WORKER = 3  # first few bad samples are logged with their reason; th
 
 class BadSample(ValueError):
     """A sample that cannot be used (missing member, bad label, undecodable image)."""
-
-
-class BadSampleError(RuntimeError):
-    """Raised instead of skipping when ``data.strict=true``."""
 
 
 class BadSampleCounter:

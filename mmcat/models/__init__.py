@@ -1,11 +1,13 @@
-"""Models: ResNet image encoder + Hugging Face text encoder + fusion head, as one ``MultimodalClassifier``."""
+"""Models: ResNet image encoder + Hugging Face text encoder + fusion head, as one ``MultimodalClassifier``;
+``forward_batch`` runs it on a loader batch."""
 from __future__ import annotations
 
 from typing import Any
 
-from mmcat.models.fusion import MultimodalClassifier
+from mmcat.errors import ModelLoadError
+from mmcat.models.fusion import MultimodalClassifier, forward_batch
 from mmcat.models.image import ImageEncoder, build_image_encoder
-from mmcat.models.text import ModelLoadError, TextEncoder, build_text_encoder, load_tokenizer
+from mmcat.models.text import TextEncoder, build_text_encoder, load_tokenizer
 
 
 def build_model(model_cfg: Any, num_labels: int) -> MultimodalClassifier:
@@ -15,4 +17,5 @@ def build_model(model_cfg: Any, num_labels: int) -> MultimodalClassifier:
         modality_dropout=float(model_cfg.modality_dropout))
 
 
-__all__ = ["build_model", "MultimodalClassifier", "ImageEncoder", "TextEncoder", "load_tokenizer", "ModelLoadError"]
+__all__ = ["build_model", "MultimodalClassifier", "forward_batch", "ImageEncoder", "TextEncoder", "load_tokenizer",
+           "ModelLoadError"]

@@ -12,10 +12,13 @@ predicts from image only, text only, or both (late and gated fusion leave a miss
 softmax; they fall back to the missing embeddings only for a sample with neither). In train mode, modality dropout hides one modality (chosen at random)
 of a sample that has both, with probability ``modality_dropout``. Both encoders always run on the whole batch so
 every parameter takes part in every step (DDP / DeepSpeed need no unused-parameter search).
+
+``forward_batch(model, batch, mode)`` is the one forward pass over a loader batch that training, evaluation and
+prediction share; ``mode`` (fused / image_only / text_only) hides a modality through the same masks.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Union
+from typing import Any, Dict, List, Tuple, Union
 
 import torch
 from torch import nn
@@ -24,6 +27,25 @@ from mmcat.config import Fusion
 from mmcat.models.text import masked_mean
 
 Mask = Union[torch.Tensor, bool]
+
+
+def mode_masks(batch: Dict[str, Any], mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(has_image, has_text) of ``batch`` with the modality that ``mode`` hides switched off."""
+    has_image, has_text = batch["has_image"], batch["has_text"]
+    if mode == "image_only":
+        has_text = torch.zeros_like(has_text)
+    elif mode == "text_only":
+        has_image = torch.zeros_like(has_image)
+    return has_image, has_text
+
+
+def forward_batch(model: nn.Module, batch: Dict[str, Any], mode: str = "fused") -> torch.Tensor:
+    """Logits of a loader batch. ``model`` is a ``MultimodalClassifier`` or its DDP / DeepSpeed wrapper: it is
+    called, never unwrapped, so the wrapper's hooks (gradient sync, ZeRO-3 parameter gathering) run."""
+    # pixels may be uint8 or normalised float: the image encoder normalises/casts to its weights' dtype (which is
+    # bf16 under DeepSpeed bf16, where no autocast runs)
+    has_image, has_text = mode_masks(batch, mode)
+    return model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], has_image, has_text)
 
 
 def _mlp(d_in: int, hidden: int, d_out: int, dropout: float) -> nn.Sequential:

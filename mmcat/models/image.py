@@ -16,7 +16,7 @@ from torch import nn
 
 from mmcat.config import ResNet
 from mmcat.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from mmcat.models.text import ModelLoadError
+from mmcat.errors import ModelLoadError
 
 
 def imagenet_weights_path(name: str) -> Tuple[str, str]:

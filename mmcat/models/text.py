@@ -16,12 +16,9 @@ import torch
 from torch import nn
 
 from mmcat.config import Pooling
+from mmcat.errors import ModelLoadError
 
 MINILM_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
-
-
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer that cannot be found; the message is one line and says what to do."""
 
 
 def resolve_text_model(name: str) -> str:

@@ -132,6 +132,22 @@ def _resize(img: np.ndarray, size: int, mode: str) -> np.ndarray:
     return cv2.copyMakeBorder(img, top, size - nh - top, left, size - nw - left, cv2.BORDER_CONSTANT, value=(255, 255, 255))
 
 
+def _source_notes(pil_mode: str, orientation: int) -> List[str]:
+    """The conversions a photo of this mode and EXIF orientation goes through (counted in the manifest)."""
+    notes: List[str] = []
+    if pil_mode in ("L", "I;16", "I", "LA", "1"):
+        notes.append("grayscale")
+    elif pil_mode == "CMYK":
+        notes.append("cmyk")
+    elif pil_mode.startswith("P"):
+        notes.append("palette")
+    if pil_mode.startswith("I"):
+        notes.append("16bit")
+    if orientation != 1:
+        notes.append(f"exif_orientation_{orientation}")
+    return notes
+
+
 def process_image(data: bytes, size: int, mode: str = "shorter", quality: int = 90,
                   max_pixels: int = 89_478_485) -> ProcessedImage:
     """Decode ``data`` (any format OpenCV reads), fix orientation/colour, resize, re-encode as an RGB JPEG."""
@@ -167,16 +183,7 @@ def process_image(data: bytes, size: int, mode: str = "shorter", quality: int = 
         img = decode_scaled(data, _resize_side(w, h, mode) if fmt == "JPEG" else None, size)
         if img is None:
             raise ImageError("image_undecodable", f"{fmt} {pil_mode}")
-    if pil_mode in ("L", "I;16", "I", "LA", "1"):
-        notes.append("grayscale")
-    elif pil_mode == "CMYK":
-        notes.append("cmyk")
-    elif pil_mode.startswith("P"):
-        notes.append("palette")
-    if pil_mode.startswith("I"):
-        notes.append("16bit")
-    if orientation != 1:
-        notes.append(f"exif_orientation_{orientation}")
+    notes.extend(_source_notes(pil_mode, orientation))
     ow, oh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
     img = _resize(img, size, mode)
     ok, enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])

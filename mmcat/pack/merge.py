@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import List
 
-from mmcat.config import ConfigError
+from mmcat.errors import ConfigError
 from mmcat.pack import print_warnings
 from mmcat.files import read_json
 from mmcat.pack.manifest import build_manifest, sort_failures, split_summary, write_dataset_files

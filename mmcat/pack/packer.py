@@ -15,10 +15,10 @@ from typing import Dict, Iterator, List, Tuple
 import cv2
 from tqdm import tqdm
 
-from mmcat.config import ConfigError
+from mmcat.errors import ConfigError
 from mmcat.pack.manifest import build_manifest, records_summary, sort_failures, sum_notes, write_dataset_files
-from mmcat.pack.plan import Task, build_plan
-from mmcat.pack.sources import detect_format, read_table
+from mmcat.pack.plan import Plan, Task, build_plan
+from mmcat.pack.tables import detect_format, read_table
 from mmcat.pack.split import check_splits
 from mmcat.pack.worker import ImageSettings, Result, init_worker, process_task, process_task_in_worker
 from mmcat.pack.writer import SplitWriter, load_records, write_json_atomic, writing
@@ -156,12 +156,33 @@ def pack(cfg) -> dict:
         _prepare_state(layout, dict(settings, slice_index=cfg.slice_index, num_slices=cfg.num_slices), cfg.resume,
                        list(splits))
 
+    writers, done, todo = _open_writers(cfg, plan, layout, list(splits))
+    image_settings = ImageSettings(cfg.image_size, cfg.resize_mode, cfg.jpeg_quality, cfg.max_image_pixels,
+                                   cfg.max_image_bytes)
+    with tqdm(total=len(todo), unit="img", desc="pack", disable=None) as bar:
+        for (split, pos, task), result in zip(todo, _results(todo, image_settings, cfg.workers)):
+            writers[split].add(pos, task.key, result)
+            bar.update(1)
+    for split, writer in writers.items():
+        writer.finish(len(_owned_tasks(plan, layout, split)))
+    records = {split: done[split] + writers[split].records for split in splits}
+    return _write_summary(cfg, plan, layout, settings, records)
+
+
+def _owned_tasks(plan: Plan, layout: Layout, split: str) -> List[Task]:
+    """The tasks of ``split`` that this run (the whole table, or one slice) packs, in writing order."""
+    return [t for t in plan.tasks[split] if layout.owns_row(t.row)]
+
+
+def _open_writers(cfg, plan: Plan, layout: Layout, splits: List[str]
+                  ) -> Tuple[Dict[str, SplitWriter], Dict[str, List[dict]], List[Tuple[str, int, Task]]]:
+    """A writer per split, positioned after the shards a resumed run already finished; returns (writers, records of
+    the finished shards per split, the tasks still to process in writing order)."""
     writers: Dict[str, SplitWriter] = {}
     done: Dict[str, List[dict]] = {}
     todo: List[Tuple[str, int, Task]] = []
-    ends: Dict[str, int] = {}
     for split in splits:
-        mine = [t for t in plan.tasks[split] if layout.owns_row(t.row)]
+        mine = _owned_tasks(plan, layout, split)
         shard_dir, state_dir = layout.out / split, layout.state / split
         done[split] = load_records(state_dir, shard_dir) if cfg.resume else []
         start = done[split][-1]["end"] if done[split] else 0
@@ -173,22 +194,15 @@ def pack(cfg) -> dict:
         writers[split] = SplitWriter(shard_dir, state_dir, layout.shard_name, plan.labels, cfg.max_samples_per_shard,
                                      cfg.max_shard_bytes, next_index=len(done[split]), next_pos=start)
         todo.extend((split, pos, task) for pos, task in enumerate(mine) if pos >= start)
-        ends[split] = len(mine)
+    return writers, done, todo
 
-    image_settings = ImageSettings(cfg.image_size, cfg.resize_mode, cfg.jpeg_quality, cfg.max_image_pixels,
-                                   cfg.max_image_bytes)
-    with tqdm(total=len(todo), unit="img", desc="pack", disable=None) as bar:
-        for (split, pos, task), result in zip(todo, _results(todo, image_settings, cfg.workers)):
-            writers[split].add(pos, task.key, result)
-            bar.update(1)
-    for split, writer in writers.items():
-        writer.finish(ends[split])
 
-    records = {split: done[split] + writers[split].records for split in splits}
+def _write_summary(cfg, plan: Plan, layout: Layout, settings: dict, records: Dict[str, List[dict]]) -> dict:
+    """manifest.json, labels, sizes and failures.jsonl of the run (or of its slice); returns the manifest."""
     all_records = [r for recs in records.values() for r in recs]
     failures = sort_failures([f for f in plan.rejected if layout.owns_row(f["row"])]
                              + [f for r in all_records for f in r["failures"]])
-    summaries = {split: records_summary(records[split], plan.labels) for split in splits}
+    summaries = {split: records_summary(split_records, plan.labels) for split, split_records in records.items()}
     manifest = build_manifest(settings, plan.labels, summaries, failures, sum_notes(all_records))
     if layout.sliced:
         # one slice's splits say nothing about the dataset's: pack-merge warns about the merged splits

@@ -12,9 +12,9 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from mmcat.config import ConfigError
+from mmcat.errors import ConfigError
 from mmcat.hashing import stable_hash
 from mmcat.pack.split import assign_splits
 
@@ -91,8 +91,37 @@ def read_label_whitelist(path: str) -> List[str]:
 def build_plan(rows: Sequence[Dict[str, str]], cfg, images_root: Path, problems: Optional[Dict[int, str]] = None) -> Plan:
     """``problems``: row index -> detail, for rows the table reader could not split into the header's columns."""
     whitelist = read_label_whitelist(cfg.labels) if cfg.labels else None
-    allowed = set(whitelist) if whitelist else None
-    problems = problems or {}
+    kept, rejected = _screen_rows(rows, cfg, set(whitelist) if whitelist else None, problems or {})
+    if not kept:
+        reasons = Counter(f["reason"] for f in rejected)
+        raise ConfigError(f"no usable data rows: all {len(rows)} rows rejected "
+                          f"({', '.join(f'{n} {r}' for r, n in sorted(reasons.items()))})")
+
+    labels = whitelist or sorted({rows[i][cfg.label_column].strip() for i in kept})
+    index = {label: n for n, label in enumerate(labels)}
+    by_id = {rows[i][cfg.id_column].strip(): i for i in kept}
+    assignment = assign_splits([(rows[i][cfg.id_column].strip(), rows[i][cfg.label_column].strip()) for i in kept],
+                               cfg.splits, cfg.seed)
+    tasks: Dict[str, List[Task]] = {}
+    for split, ids in assignment.items():
+        tasks[split] = []
+        for id_ in ids:
+            i = by_id[id_]
+            r = rows[i]
+            label = r[cfg.label_column].strip()
+            rel = r[cfg.image_column].strip()
+            tasks[split].append(Task(
+                row=i + 1, id=id_, key=safe_key(id_), split=split, label=label, label_index=index[label],
+                texts={c: normalize_text(r[c]) for c in cfg.text_columns},
+                image_path=str(images_root / rel) if rel else None,  # an absolute rel wins over the root
+            ))
+    return Plan(labels=list(labels), tasks=tasks, rejected=rejected)
+
+
+def _screen_rows(rows: Sequence[Dict[str, str]], cfg, allowed: Optional[set],
+                 problems: Dict[int, str]) -> Tuple[List[int], List[dict]]:
+    """(indices of the rows to pack, failures.jsonl records of the others): rows are rejected for what the table
+    alone shows -- a broken CSV row, no id or label, a label outside the whitelist, a repeated id or sample key."""
     rejected: List[dict] = []
     first_row: Dict[str, int] = {}
     key_owner: Dict[str, str] = {}  # sample key -> the id that has it
@@ -122,27 +151,4 @@ def build_plan(rows: Sequence[Dict[str, str]], cfg, images_root: Path, problems:
             first_row[id_] = row
             key_owner[key] = id_
             kept.append(i)
-    if not kept:
-        reasons = Counter(f["reason"] for f in rejected)
-        raise ConfigError(f"no usable data rows: all {len(rows)} rows rejected "
-                          f"({', '.join(f'{n} {r}' for r, n in sorted(reasons.items()))})")
-
-    labels = whitelist or sorted({rows[i][cfg.label_column].strip() for i in kept})
-    index = {label: n for n, label in enumerate(labels)}
-    by_id = {rows[i][cfg.id_column].strip(): i for i in kept}
-    assignment = assign_splits([(rows[i][cfg.id_column].strip(), rows[i][cfg.label_column].strip()) for i in kept],
-                               cfg.splits, cfg.seed)
-    tasks: Dict[str, List[Task]] = {}
-    for split, ids in assignment.items():
-        tasks[split] = []
-        for id_ in ids:
-            i = by_id[id_]
-            r = rows[i]
-            label = r[cfg.label_column].strip()
-            rel = r[cfg.image_column].strip()
-            tasks[split].append(Task(
-                row=i + 1, id=id_, key=safe_key(id_), split=split, label=label, label_index=index[label],
-                texts={c: normalize_text(r[c]) for c in cfg.text_columns},
-                image_path=str(images_root / rel) if rel else None,  # an absolute rel wins over the root
-            ))
-    return Plan(labels=list(labels), tasks=tasks, rejected=rejected)
+    return kept, rejected

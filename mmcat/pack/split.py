@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Mapping, Sequence, Tuple
 
-from mmcat.config import ConfigError
+from mmcat.errors import ConfigError
 from mmcat.hashing import stable_hash
 
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
-from mmcat.config import ConfigError
+from mmcat.errors import OutputError
 from mmcat.files import publish_file, temp_path, write_atomic
 from mmcat.pack.worker import Result
 
@@ -31,10 +31,6 @@ def _round_up(n: int, m: int) -> int:
 def sample_tar_bytes(key: str, members: Dict[str, bytes]) -> int:
     """Bytes a sample adds to a USTAR tar: one header block per member plus its data padded to blocks."""
     return sum(_BLOCK + _round_up(len(v), _BLOCK) for v in members.values())
-
-
-class OutputError(ConfigError):
-    """The output could not be written; the message is one line naming the path."""
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""Training: one Accelerate loop for CPU, DDP, DeepSpeed and SLURM (see loop.py)."""
+"""Training: one Accelerate loop for CPU, DDP, DeepSpeed and SLURM (setup.py builds a run, loop.py runs it)."""
 from mmcat.train.preempt import REQUEUE_EXIT_CODE
 
 

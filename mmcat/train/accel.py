@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
 
-from mmcat.config import ConfigError
+from mmcat.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

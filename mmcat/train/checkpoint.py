@@ -63,7 +63,7 @@ def run_fingerprint(cfg: Any, world_size: int, engine: str, labels: Sequence[str
 
 def check_fingerprint(saved: Optional[Dict[str, Any]], current: Dict[str, Any], where: Path) -> None:
     """Raise a one-line ConfigError naming the first setting that differs from the checkpoint's."""
-    from mmcat.config import ConfigError
+    from mmcat.errors import ConfigError
 
     if saved is None:
         log.warning("%s has no %s (written by an older mmcat): resume settings are not checked", where,
@@ -96,7 +96,7 @@ def list_checkpoints(ckpt_root: Path) -> List[Path]:
 def resolve_resume(resume: str, ckpt_root: Path) -> Optional[Path]:
     """``none`` -> None; ``latest`` -> newest complete checkpoint (None when there is none yet); else a path.
     A fresh run (``none``) over the checkpoints of an earlier run is refused: it would mix two runs' files."""
-    from mmcat.config import ConfigError
+    from mmcat.errors import ConfigError
 
     if resume in ("", "none", None):
         if list_checkpoints(ckpt_root):
@@ -117,7 +117,7 @@ def decide_resume(accelerator, resume: str, ckpt_root: Path) -> Optional[Path]:
     list a directory differently on each node, and ranks that resumed from different steps would silently diverge."""
     from accelerate.utils import broadcast_object_list
 
-    from mmcat.config import ConfigError
+    from mmcat.errors import ConfigError
 
     answer: List[Any] = [None, None]
     if accelerator.is_main_process:

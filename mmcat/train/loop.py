@@ -1,35 +1,32 @@
-"""``mmcat train``: the one training loop for every launcher (python, torchrun, accelerate launch, DeepSpeed, SLURM)."""
+"""``mmcat train``: the one training loop for every launcher (python, torchrun, accelerate launch, DeepSpeed, SLURM).
+
+``Trainer`` runs a ``TrainingSetup`` (built by ``mmcat.train.setup``): the step loop, evaluation and ``best/``
+export, checkpoints, logging.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from accelerate.utils import send_to_device, set_seed
-from omegaconf import OmegaConf
+from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
-from mmcat.config import to_container, to_yaml
+from mmcat.config import to_container
 from mmcat.data import iterate_batches
-from mmcat.evaluation import dummy_batch, evaluate, forward_batch
-from mmcat.files import write_atomic
 from mmcat.hashing import stable_seed
+from mmcat.evaluation import dummy_batch, evaluate
 from mmcat.metrics import MODES, confusion_image, format_table, summary
-from mmcat.train.accel import build_accelerator, describe, engine_name, whole_model_init
-from mmcat.train.checkpoint import (TrainerState, check_fingerprint, decide_resume, load_checkpoint,
-                                   read_fingerprint, run_fingerprint, save_checkpoint, weights_sha256)
-from mmcat.train.optim import build_loss, build_optimizer, build_scheduler, total_optimizer_steps
+from mmcat.models import forward_batch
+from mmcat.train.accel import whole_model_init
+from mmcat.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint, weights_sha256
 from mmcat.train.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
+from mmcat.files import write_atomic
+from mmcat.train.setup import TrainingSetup, build_training
 
 log = logging.getLogger("mmcat.train")
-
-
-def _setup_logging(is_main: bool) -> None:
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 
 
 def _flat_hparams(cfg: Any) -> Dict[str, Any]:
@@ -67,22 +64,13 @@ def seed_step_rng(seed: int, rank: int, epoch: int, batch_in_epoch: int) -> None
     torch.manual_seed(stable_seed(seed, "step", rank, epoch, batch_in_epoch))
 
 
-def _model_config(cfg: Any, acc: Any) -> Any:
-    """The model section to build from: ``cfg.model``, except that DeepSpeed flattens parameters into contiguous
-    buffers and rejects channels-last conv weights. The run's config stays as loaded (read-only)."""
-    if acc.state.deepspeed_plugin is None or not cfg.model.image.channels_last:
-        return cfg.model
-    log.info("DeepSpeed: ResNet weights kept contiguous (model.image.channels_last ignored)")
-    return OmegaConf.merge(cfg.model, {"image": {"channels_last": False}})
-
-
 # what a stretch of training ended with: keep going (None), the run is complete, or a stop was asked for
 DONE, STOPPED = "done", "stopped"
 
 
 class Trainer:
-    """Building (``__init__``: accelerator, resume decision, loaders, model, optimizer) is separate from running
-    (``run``: the step loop, evaluation/export, checkpoints, logging). ``run()`` returns the process exit code.
+    """Runs a ``TrainingSetup``: the step loop, evaluation/export, checkpoints, logging. ``run()`` returns the
+    process exit code.
 
     Every decision (log, evaluate, checkpoint, stop) is taken at an optimizer-step boundary, so a checkpoint never
     holds a half-accumulated gradient window. Randomness inside a step (dropout, modality dropout) is seeded from
@@ -90,46 +78,14 @@ class Trainer:
     uninterrupted run drew, whatever else consumed random numbers in between (loader start-up, evaluation).
     """
 
-    def __init__(self, cfg: Any) -> None:
-        from mmcat.data import build_train_loader, label_counts, read_labels, train_shard_sizes
-        from mmcat.data.sources import check_data
-        from mmcat.models import build_model
-        from mmcat.models.text import load_tokenizer
-
-        check_data(cfg)  # bad data settings: one line before any work (splits, shards, labels)
-        self.cfg = cfg
-        self.accelerator = acc = build_accelerator(cfg)
-        _setup_logging(acc.is_main_process)
-        set_seed(cfg.seed, device_specific=False)  # same init on every rank; DDP/DeepSpeed also broadcast it
-        self.out = Path(cfg.output_dir)
+    def __init__(self, setup: TrainingSetup) -> None:
+        self.setup = setup
+        self.cfg, self.accelerator, self.out = setup.cfg, setup.accelerator, setup.out
+        self.model, self.optimizer, self.scheduler = setup.model, setup.optimizer, setup.scheduler
+        self.loss_fn, self.labels, self.tokenizer = setup.loss_fn, setup.labels, setup.tokenizer
+        self.batches_per_epoch, self.total_steps = setup.batches_per_epoch, setup.total_steps
         self.ckpt_root = self.out / "checkpoints"
-        self.resume_from = decide_resume(acc, cfg.train.resume, self.ckpt_root)
-        self.labels = read_labels(cfg.data)
-        self.fingerprint = run_fingerprint(cfg, acc.num_processes, engine_name(acc), self.labels,
-                                           train_shard_sizes(cfg.data))
-        if self.resume_from is not None:  # before any work: a changed setting would silently change the run
-            check_fingerprint(read_fingerprint(self.resume_from), self.fingerprint, self.resume_from)
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.out / "config.yaml", to_yaml(cfg))
-        log.info("mmcat train: %s", describe(acc))
-
-        self.tokenizer = load_tokenizer(cfg.model.text)
-        self._build_train_loader = build_train_loader
-        probe = build_train_loader(cfg, self.tokenizer, acc.process_index, acc.num_processes, epoch=0)
-        self.batches_per_epoch = probe.batches_per_epoch
-        self.total_steps = total_optimizer_steps(cfg, self.batches_per_epoch)
-        log.info("train: %d shards, %d samples/epoch, %d batches/epoch/rank, %d optimizer steps",
-                 probe.num_shards, probe.samples_per_epoch, self.batches_per_epoch, self.total_steps)
-
-        with whole_model_init(acc):
-            model = build_model(_model_config(cfg, acc), num_labels=len(self.labels))
-        optimizer = build_optimizer(model, cfg)
-        scheduler = build_scheduler(optimizer, cfg, self.total_steps)
-        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
-        self.loss_fn = build_loss(cfg, label_counts(cfg.data, cfg.data.train_split)).to(acc.device)
-        self.deepspeed = acc.state.deepspeed_plugin is not None
-        self.dummy = dummy_batch(self.tokenizer, cfg.data.image_size)
+        self.dummy = dummy_batch(self.tokenizer, self.cfg.data.image_size)
         self.state = TrainerState()
         self.preempt = PreemptionFlag()
         # sums since the last optimizer step (windows carry across epoch ends, DeepSpeed's semantics):
@@ -141,8 +97,8 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- running
     def run(self) -> int:
         acc = self.accelerator
-        if self.resume_from is not None:
-            self.state = load_checkpoint(acc, self.resume_from)
+        if self.setup.resume_from is not None:
+            self.state = load_checkpoint(acc, self.setup.resume_from)
         acc.init_trackers("mmcat", config=_flat_hparams(self.cfg))
         self.preempt.install()
         self.meter = _Meter(self.state.samples_seen)
@@ -172,9 +128,9 @@ class Trainer:
 
     def _run_epoch(self) -> Optional[str]:
         cfg, acc, st = self.cfg, self.accelerator, self.state  # st.epoch advances in the last _train_step
-        info = self._build_train_loader(cfg, self.tokenizer, acc.process_index, acc.num_processes,
-                                        epoch=st.epoch, skip_batches=st.batch_in_epoch)
-        self._record_data_plan(info)
+        info = self.setup.build_loader(cfg, self.tokenizer, acc.process_index, acc.num_processes, epoch=st.epoch,
+                                       skip_batches=st.batch_in_epoch)
+        self._record_shards_read(info)
         with iterate_batches(info.loader) as batches:
             fetch_start = time.perf_counter()
             for batch in batches:
@@ -185,8 +141,10 @@ class Trainer:
                 fetch_start = time.perf_counter()
         return None
 
+    # --------------------------------------------------------------------------------------------- the step
     def _train_step(self, batch: Dict[str, Any]) -> Optional[str]:
-        """One micro-batch: forward, loss, backward, and on the window's last micro-batch the optimizer step."""
+        """One micro-batch: forward, loss, backward; on the window's last micro-batch the optimizer step and the
+        decisions taken at its boundary (log, evaluate/export, checkpoint, stop)."""
         acc, st, t = self.accelerator, self.state, self.cfg.train
         batch = send_to_device(batch, acc.device, non_blocking=True)
         seed_step_rng(self.cfg.seed, acc.process_index, st.epoch, st.batch_in_epoch)
@@ -199,6 +157,23 @@ class Trainer:
                 grad_norm = acc.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm or float("inf"))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        self._count_micro_batch(batch, loss)
+        if not acc.sync_gradients:
+            return None  # inside an accumulation window: no optimizer step, no decision
+        loss_mean, stop_votes = self._reduce_window()
+        if not acc.optimizer_step_was_skipped:  # fp16 overflow: no update, so no schedule step either
+            self.scheduler.step()
+            self._count_optimizer_step()
+        done = st.global_step >= self.total_steps
+        budget_spent = not done and 0 < t.stop_after_steps <= self._steps_this_run
+        self._log_step(loss_mean, grad_norm, force=done or budget_spent or stop_votes > 0)
+        if stop_votes > 0 or budget_spent:
+            return STOPPED  # pending evaluation/checkpoint flags travel in the checkpoint
+        return self._at_boundary(done)
+
+    def _count_micro_batch(self, batch: Dict[str, Any], loss: torch.Tensor) -> None:
+        """Advance the position in the epoch and add the micro-batch to the window's sums."""
+        st, t = self.state, self.cfg.train
         st.batch_in_epoch += 1
         if st.batch_in_epoch == self.batches_per_epoch:
             # the epoch ends with this micro-batch: its evaluation and checkpoint come at this optimizer step, or at
@@ -208,30 +183,25 @@ class Trainer:
             st.save_pending |= t.save_every == 0
         self._window += torch.tensor([batch["labels"].shape[0], int(batch.get("skipped", 0)), 1, loss.item()],
                                      dtype=torch.float64)
-        return self._after_optimizer_step(grad_norm) if acc.sync_gradients else None
 
-    def _after_optimizer_step(self, grad_norm: Any) -> Optional[str]:
-        acc, st, t = self.accelerator, self.state, self.cfg.train
-        # one small collective per optimizer step: exact global counts, the window's mean loss over all ranks,
-        # and whether any rank was asked to stop (all ranks stop together)
+    def _reduce_window(self) -> Tuple[float, float]:
+        """One small collective per optimizer step: exact global counts, the window's mean loss over all ranks, and
+        whether any rank was asked to stop (all ranks stop together). Returns (mean loss, stop votes)."""
+        acc, st = self.accelerator, self.state
         local = torch.cat([self._window, torch.tensor([float(self.preempt.requested)], dtype=torch.float64)])
         samples, skipped, micro, loss_sum, stop_votes = acc.reduce(local.to(acc.device), "sum").tolist()
         self._window.zero_()
         st.samples_seen += int(samples)
         st.skipped_samples += int(skipped)
-        if not acc.optimizer_step_was_skipped:  # fp16 overflow: no update, so no schedule step either
-            self.scheduler.step()
-            st.global_step += 1
-            self._steps_this_run += 1
-            self.bar.update(1)
-            st.eval_pending |= t.eval_every > 0 and st.global_step % t.eval_every == 0
-            st.save_pending |= t.save_every > 0 and st.global_step % t.save_every == 0
-        done = st.global_step >= self.total_steps
-        budget_spent = not done and 0 < t.stop_after_steps <= self._steps_this_run
-        self._log_step(loss_sum / max(micro, 1), grad_norm, force=done or budget_spent or stop_votes > 0)
-        if stop_votes > 0 or budget_spent:
-            return STOPPED  # pending evaluation/checkpoint flags travel in the checkpoint
-        return self._at_boundary(done)
+        return loss_sum / max(micro, 1), stop_votes
+
+    def _count_optimizer_step(self) -> None:
+        st, t = self.state, self.cfg.train
+        st.global_step += 1
+        self._steps_this_run += 1
+        self.bar.update(1)
+        st.eval_pending |= t.eval_every > 0 and st.global_step % t.eval_every == 0
+        st.save_pending |= t.save_every > 0 and st.global_step % t.save_every == 0
 
     def _at_boundary(self, done: bool) -> Optional[str]:
         """Pending evaluation/export and checkpoint at an optimizer-step boundary; DONE when training is over."""
@@ -311,20 +281,20 @@ class Trainer:
     def _save(self) -> None:
         self.state.save_pending = False
         save_checkpoint(self.accelerator, self.ckpt_root, self.state, self.cfg.train.keep_checkpoints,
-                        self.fingerprint)
+                        self.setup.fingerprint)
         self._saved_step = self.state.global_step
 
     # --------------------------------------------------------------------------------------------- logging
-    def _record_data_plan(self, info) -> None:
-        """RUN_DIR/data_plan/epoch-E-rank-R.json: which shards each rank read, for auditing distributed runs."""
+    def _record_shards_read(self, info) -> None:
+        """RUN_DIR/shards_read/epoch-E-rank-R.json: which shards each rank read, for auditing distributed runs."""
         acc, st = self.accelerator, self.state
-        plan_dir = self.out / "data_plan"
-        plan_dir.mkdir(parents=True, exist_ok=True)
-        plan = {"epoch": st.epoch, "rank": acc.process_index, "world_size": acc.num_processes,
+        record_dir = self.out / "shards_read"
+        record_dir.mkdir(parents=True, exist_ok=True)
+        record = {"epoch": st.epoch, "rank": acc.process_index, "world_size": acc.num_processes,
                 "batches": info.batches_per_epoch, "start_batch": st.batch_in_epoch,
                 "shards": list(info.rank_shards or []),
                 "resampled": info.rank_shards is None}
-        write_atomic(plan_dir / f"epoch-{st.epoch}-rank-{acc.process_index}.json", json.dumps(plan, indent=1))
+        write_atomic(record_dir / f"epoch-{st.epoch}-rank-{acc.process_index}.json", json.dumps(record, indent=1))
 
     def _log_step(self, loss: float, grad_norm: Any, force: bool) -> None:
         """``train/loss`` is the mean over the accumulation window and all ranks; the last step is always logged."""
@@ -368,4 +338,4 @@ class Trainer:
 
 
 def train(cfg: Any) -> int:
-    return Trainer(cfg).run()
+    return Trainer(build_training(cfg)).run()

@@ -1,4 +1,5 @@
-"""Where the shards of a split are, how many samples they hold, and what the labels are.
+"""Where the shards of a split are, how many samples they hold, what the labels are, and the pre-flight checks
+(``check_data``, ``check_split``) that refuse bad data settings before any work.
 
 ``data.root`` is one or more comma-separated entries; each entry is either a packed directory
 (``<dir>/<split>/*.tar`` with ``sizes.json``, ``labels.json`` and ``manifest.json`` from ``mmcat pack``) or a shard
@@ -20,12 +21,9 @@ import braceexpand
 import webdataset as wds
 
 from mmcat.files import read_json
+from mmcat.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """A data-configuration problem with a one-line message that says what to change."""
 
 
 @dataclass
@@ -159,7 +157,6 @@ def _find(data_cfg: Any, entry: str, name: str) -> Optional[Path]:
 
 def load_label_list(path: Path) -> List[str]:
     """A label list in either format ``pack --labels`` takes (JSON list, or one label per line)."""
-    from mmcat.config import ConfigError
     from mmcat.pack.plan import read_label_whitelist  # the pack-side reader: one definition of the formats
 
     try:
@@ -344,7 +341,6 @@ def _check_usable_sample(data: Any, labels: List[str], key: str, split: str, sha
 def _check_text_length(cfg: Any) -> None:
     """Tokens beyond the text model's position table fail mid-run (IndexError); checked when the model is a local
     folder (the offline default included), whose config.json says how many positions it has."""
-    from mmcat.config import ConfigError
     from mmcat.models.text import resolve_text_model
 
     folder = Path(resolve_text_model(str(cfg.model.text.name)))

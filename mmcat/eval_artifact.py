@@ -23,8 +23,8 @@ def _labels_file(data_cfg, model_labels, model_dir: str, data_root: str) -> Opti
     from other tools may come without labels.json: ``json:<field>`` labels (names) are then mapped through the
     model's own labels.json, which is returned (the ``data.labels_file`` to read with); ``cls`` indices without a
     labels file cannot be checked, so that stays an error."""
-    from mmcat.config import ConfigError
-    from mmcat.data.sources import find_labels, read_labels
+    from mmcat.data.shards import find_labels, read_labels
+    from mmcat.errors import ConfigError
 
     labels = find_labels(data_cfg)
     if labels is None and str(data_cfg.label_key).startswith("json:"):
@@ -41,7 +41,7 @@ def evaluate_artifact(model_dir: str, data_root: str, split: str = "test", batch
                       num_workers: int = 0, out: Optional[str] = None, label_key: Optional[str] = None) -> Dict:
     from mmcat.config import check_label_key
     from mmcat.data import build_eval_loader
-    from mmcat.data.sources import check_root_exists, check_split, root_entries
+    from mmcat.data.shards import check_root_exists, check_split, root_entries
 
     if label_key is not None:
         check_label_key(label_key, "--label-key")

@@ -134,7 +134,7 @@ def run_cfg(root, *overrides):
 
 
 def refusal(cfg) -> str:
-    from mmcat.data.sources import check_data
+    from mmcat.data.shards import check_data
 
     with pytest.raises(DataError) as err:
         check_data(cfg)
@@ -143,7 +143,7 @@ def refusal(cfg) -> str:
 
 
 def test_check_data_passes_and_counts_each_split(tmp_path):
-    from mmcat.data.sources import check_data
+    from mmcat.data.shards import check_data
 
     write_packed(tmp_path, {"train": [4, 5], "val": [3], "test": [2]})
     assert check_data(run_cfg(tmp_path)) == {"train": 9, "val": 3, "test": 2}
@@ -152,7 +152,7 @@ def test_check_data_passes_and_counts_each_split(tmp_path):
 
 
 def test_missing_or_empty_val_and_test_splits_are_refused(tmp_path):
-    from mmcat.data.sources import check_data
+    from mmcat.data.shards import check_data
 
     write_packed(tmp_path, {"train": [4, 5], "val": [3]})
     msg = refusal(run_cfg(tmp_path))
@@ -191,7 +191,7 @@ def test_missing_root_and_unreadable_tar_name_the_path(tmp_path):
 
 
 def test_split_where_every_sample_would_be_skipped_is_refused(tmp_path):
-    from mmcat.data.sources import check_data
+    from mmcat.data.shards import check_data
 
     write_packed(tmp_path, {"train": [4], "val": [3], "test": [3]})
     write_split(tmp_path, "test", [3], start=7, bad={f"p{i:05d}": "no_cls" for i in range(7, 10)})
@@ -208,7 +208,7 @@ def test_split_where_every_sample_would_be_skipped_is_refused(tmp_path):
 
 def test_max_text_length_beyond_the_text_model_positions(tmp_path):
     from mmcat.config import ConfigError
-    from mmcat.data.sources import check_data
+    from mmcat.data.shards import check_data
 
     write_packed(tmp_path / "d", {"train": [4], "val": [3], "test": [3]})
     model = tmp_path / "bert"
