@@ -54,13 +54,6 @@ class ResizeMode(Choice):
     border = "border"  # fit in a white square
 
 
-class ResNet(Choice):
-    resnet18 = "resnet18"
-    resnet34 = "resnet34"
-    resnet50 = "resnet50"
-    resnet101 = "resnet101"
-
-
 class Pooling(Choice):
     mean = "mean"  # masked mean over the text tokens
     cls = "cls"  # the [CLS] token's state
@@ -148,7 +141,9 @@ class DataConfig:
 
 @dataclass
 class ImageEncoderConfig:
-    name: ResNet = ResNet.resnet50
+    # a torchvision classification model with a spatial feature map (resnet18, convnext_tiny, efficientnet_b0 ...):
+    # checked against torchvision's registry at load (mmcat.models.image.FAMILIES)
+    name: str = "resnet50"
     weights: str = "none"  # none | imagenet | /path/to/state_dict.pth
     channels_last: bool = True
 
@@ -245,6 +240,7 @@ def load_config(
                 raise ConfigError(f"config key '{missing[0]}' is required but not set")
         _check_ranges(cfg)
         _check_label_key(cfg)
+        _check_image_name(cfg)
     except OmegaConfBaseException as exc:
         raise _fail(exc) from None
     OmegaConf.set_readonly(cfg, True)
@@ -336,6 +332,18 @@ def _check_label_key(cfg: DictConfig) -> None:
     value = OmegaConf.select(cfg, "data.label_key", default=None)
     if value is not None:
         check_label_key(value, "config key 'data.label_key'")
+
+
+def _check_image_name(cfg: DictConfig) -> None:
+    """An open set (torchvision's registry), so a string checked here rather than a Choice; torchvision is imported
+    only for configs that have an image model (training)."""
+    name = OmegaConf.select(cfg, "model.image.name", default=None)
+    if name is not None:
+        from mmcat.models.image import image_name_error
+
+        error = image_name_error(str(name))
+        if error:
+            raise ConfigError(error)
 
 
 def check_label_key(value: str, where: str) -> None:

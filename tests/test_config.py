@@ -187,8 +187,6 @@ def test_readme_config_table_names_every_schema_key_and_nothing_else():
      "config key 'model.fusion': 'sum' is not one of concat, late, gated, attention"),
     (TrainRunConfig, "train.precision=fp8", "config key 'train.precision': 'fp8' is not one of no, bf16, fp16"),
     (TrainRunConfig, "model.text.pooling=max", "config key 'model.text.pooling': 'max' is not one of mean, cls"),
-    (TrainRunConfig, "model.image.name=vit",
-     "config key 'model.image.name': 'vit' is not one of resnet18, resnet34, resnet50, resnet101"),
     (PackConfig, "resize_mode=fit", "config key 'resize_mode': 'fit' is not one of shorter, center_crop, keep, border"),
     (PackConfig, "format=xls", "config key 'format': 'xls' is not one of auto, csv, jsonl, parquet"),
     (SynthConfig, "format=auto", "config key 'format': 'auto' is not one of csv, jsonl, parquet"),

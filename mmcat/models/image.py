@@ -1,22 +1,29 @@
-"""Image encoder: a torchvision ResNet without its classifier, exposing pooled and spatial features.
+"""Image encoder: the feature trunk of a torchvision classification model, exposing pooled and spatial features.
 
-``model.image.weights``: ``none`` (random init), ``imagenet`` (torchvision's weights from the torch hub cache,
-downloaded into it where a network is reachable; otherwise a one-line error says where to put the file) or a path to
-a state dict (a full torchvision ResNet state dict; ``fc.*`` entries and a ``module.`` / ``backbone.`` prefix are
-accepted).
+``model.image.name``: any model of torchvision's registry (``torchvision.models.list_models``) in one of the
+FAMILIES below (ResNet, ResNeXt, Wide ResNet, ConvNeXt, EfficientNet v1/v2, RegNet, MobileNet v2/v3): the model is
+built by ``torchvision.models.get_model`` and cut after its last spatial feature map by
+``torchvision.models.feature_extraction.create_feature_extractor`` (the classifier head is dropped). Vision
+transformers (ViT, Swin, MaxViT) are refused: they have no convolutional feature map for attention fusion.
+
+``model.image.weights``: ``none`` (random init), ``imagenet`` (torchvision's DEFAULT weights from the torch hub
+cache, downloaded into it where a network is reachable; otherwise a one-line error says where to put the file) or a
+path to a state dict (a full torchvision state dict of that model; the classifier head's entries and a ``module.`` /
+``backbone.`` prefix are accepted).
 """
 from __future__ import annotations
 
+import difflib
 import os
-from typing import Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
 
-from mmcat.config import ResNet
 from mmcat.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from mmcat.errors import ModelLoadError
+from mmcat.errors import ConfigError, ModelLoadError
 
 
 def imagenet_weights_path(name: str) -> Tuple[str, str]:
@@ -37,8 +44,7 @@ def _load_state_dict(path: str) -> dict:
         for prefix in ("module.", "backbone.", "image_encoder.backbone."):
             if k.startswith(prefix):
                 k = k[len(prefix):]
-        if not k.startswith("fc."):
-            out[k] = v
+        out[k] = v
     return out
 
 
@@ -60,32 +66,103 @@ def _download(url: str, path: str, name: str) -> None:
         socket.setdefaulttimeout(previous)
 
 
-def build_resnet(name: str, weights: str) -> nn.Module:
-    name = ResNet(name).value  # a plain string from Python callers; the config already holds a ResNet
+# family -> (model-name prefixes, the node whose output is the last spatial feature map [B, C, h, w]: the input
+# of the family's global average pool, as named by torchvision.models.feature_extraction.get_graph_node_names)
+FAMILIES: Dict[str, Tuple[Tuple[str, ...], str]] = {
+    "resnet": (("resnet",), "layer4"),
+    "resnext": (("resnext",), "layer4"),
+    "wide_resnet": (("wide_resnet",), "layer4"),
+    "convnext": (("convnext_",), "features"),
+    "efficientnet": (("efficientnet_b",), "features"),
+    "efficientnet_v2": (("efficientnet_v2_",), "features"),
+    "regnet": (("regnet_x_", "regnet_y_"), "trunk_output"),
+    "mobilenet_v2": (("mobilenet_v2",), "features"),
+    "mobilenet_v3": (("mobilenet_v3_",), "features"),
+}
+# token-only models: no convolutional [B, C, h, w] map to attend over (ViT's grid is fixed to its training size)
+TRANSFORMERS = ("vit_", "swin_", "maxvit_")
+
+
+def _family(name: str) -> Optional[str]:
+    for family, (prefixes, _) in FAMILIES.items():
+        if name.startswith(prefixes):
+            return family
+    return None
+
+
+def supported_image_models() -> List[str]:
+    """Every torchvision classification model ``model.image.name`` accepts, from torchvision's own registry."""
+    return [n for n in torchvision.models.list_models(module=torchvision.models) if _family(n) is not None]
+
+
+def image_name_error(name: str) -> Optional[str]:
+    """Why ``name`` cannot be ``model.image.name`` (one line naming the key), or None when it can."""
+    if name in supported_image_models():
+        return None
+    families = ", ".join(FAMILIES)
+    key = f"config key 'model.image.name': '{name}'"
+    if name.startswith(TRANSFORMERS) and name in torchvision.models.list_models(module=torchvision.models):
+        return (f"{key} is a vision transformer without a convolutional feature map (not supported); "
+                f"supported families: {families}")
+    close = difflib.get_close_matches(name, supported_image_models(), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"{key} is not a supported torchvision classification model{hint}; supported families: {families}"
+
+
+def _trunk(name: str) -> Tuple[nn.Module, Set[str]]:
+    """(torchvision's ``name`` cut after its last spatial feature map, the state-dict keys of the cut-off head).
+    The trunk is an fx GraphModule (a train and an eval graph) whose parameters keep torchvision's names, so
+    torchvision state dicts and older mmcat checkpoints load into it."""
     net = torchvision.models.get_model(name, weights=None)
-    net.fc = nn.Identity()
+    node = FAMILIES[_family(name)][1]
+    trunk = create_feature_extractor(net, return_nodes={node: "map"})
+    return trunk, set(net.state_dict()) - set(trunk.state_dict())
+
+
+def build_backbone(name: str, weights: str) -> nn.Module:
+    """The feature trunk of torchvision model ``name`` (see FAMILIES) with ``weights``: none | imagenet | path."""
+    error = image_name_error(name)
+    if error:
+        raise ConfigError(error)
+    trunk, head_keys = _trunk(name)
     if weights == "none":
-        return net
+        return trunk
     if weights == "imagenet":
         path, url = imagenet_weights_path(name)
         if not os.path.isfile(path):
             _download(url, path, name)
     else:
         path = weights
-    missing, unexpected = net.load_state_dict(_load_state_dict(path), strict=False)
+    state = {k: v for k, v in _load_state_dict(path).items() if k not in head_keys}
+    try:
+        missing, unexpected = trunk.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # same names, other shapes (another model of the family)
+        raise ModelLoadError(f"{path} does not match {name}: {str(exc).splitlines()[1].strip()}") from None
     if missing or unexpected:
         raise ModelLoadError(f"{path} does not match {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return net
+    return trunk
+
+
+def _feature_dim(trunk: nn.Module) -> int:
+    """Channels of the trunk's feature map, from one tiny forward in eval mode (no BatchNorm statistics change)."""
+    was_training = trunk.training
+    trunk.eval()
+    with torch.no_grad():
+        channels = int(trunk(torch.zeros(1, 3, 64, 64))["map"].shape[1])
+    trunk.train(was_training)
+    return channels
 
 
 class ImageEncoder(nn.Module):
     """Returns (pooled [B, C], spatial tokens [B, h*w, C]) for ``pixel_values``: uint8 0..255 (normalised here,
-    on the device) or float, already ImageNet-normalised (see ``mmcat.data.transforms.to_pixel_values``)."""
+    on the device) or float, already ImageNet-normalised (see ``mmcat.data.transforms.to_pixel_values``).
+    ``C`` = ``out_dim``, the channels of the backbone's last feature map; pooled = the mean over the map (the global
+    average pool torchvision's classifiers start with)."""
 
     def __init__(self, name: str = "resnet50", weights: str = "none", channels_last: bool = True) -> None:
         super().__init__()
-        self.backbone = build_resnet(name, weights)
-        self.out_dim = 512 if name in ("resnet18", "resnet34") else 2048
+        self.backbone = build_backbone(str(name), str(weights))
+        self.out_dim = _feature_dim(self.backbone)
         self.channels_last = channels_last
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
@@ -95,19 +172,17 @@ class ImageEncoder(nn.Module):
 
     def normalize(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """uint8 pixels are ImageNet-normalised here (on the device); float pixels are taken as already normalised
-        (by the loader). Either way the result has the dtype of the conv weights (fp32, or bf16 under DeepSpeed)."""
-        dtype = self.backbone.conv1.weight.dtype
+        (by the loader). Either way the result has the dtype of the weights (fp32, or bf16 under DeepSpeed)."""
+        dtype = next(self.backbone.parameters()).dtype
         if pixel_values.dtype != torch.uint8:
             return pixel_values.to(dtype)
         return (pixel_values.to(dtype) - self.pixel_mean.to(dtype)) / self.pixel_std.to(dtype)
 
     def forward(self, pixel_values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        b = self.backbone
         x = self.normalize(pixel_values)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
-        x = b.layer4(b.layer3(b.layer2(b.layer1(x))))  # [B, C, h, w]
+        x = self.backbone(x)["map"]  # [B, C, h, w]
         tokens = x.flatten(2).transpose(1, 2)  # [B, h*w, C]
         return tokens.mean(1), tokens
 
