@@ -137,7 +137,8 @@ def build_backbone(name: str, weights: str) -> nn.Module:
     try:
         missing, unexpected = trunk.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # same names, other shapes (another model of the family)
-        raise ModelLoadError(f"{path} does not match {name}: {str(exc).splitlines()[1].strip()}") from None
+        first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))  # one line
+        raise ModelLoadError(f"{path} does not match {name}: {first}") from None
     if missing or unexpected:
         raise ModelLoadError(f"{path} does not match {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return trunk
