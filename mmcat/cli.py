@@ -20,7 +20,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from mmcat.config import SynthConfig, load_config
     from mmcat.synth import synthesize
 
-    cfg = load_config(SynthConfig, None, [f"out={args.out}"] + _flag_overrides(args, ("num_products", "num_classes", "seed", "min_side", "max_side", "format")) + (["bad_rows=true"] if args.bad_rows else []))
+    cfg = load_config(SynthConfig, None, [f"out={args.out}"] + _flag_overrides(args, ("num_products", "num_classes", "seed", "min_side", "max_side", "format")) + (["bad_rows=true"] if args.bad_rows else [])
+                      + (["attributes=false"] if args.no_attributes else []))
     synthesize(cfg)
     return 0
 
@@ -112,6 +113,8 @@ def _add_synth_parser(sub) -> None:
     p.add_argument("--max-side", dest="max_side", type=int)
     p.add_argument("--format", choices=[f.value for f in TableFormat])
     p.add_argument("--bad-rows", dest="bad_rows", action="store_true", help="plant bad inputs (for failure handling)")
+    p.add_argument("--no-attributes", dest="no_attributes", action="store_true",
+                   help="leave out the brand, colour and price columns")
     p.set_defaults(func=_cmd_synth)
 
 

@@ -83,6 +83,7 @@ class SynthConfig:
     max_side: int = 800
     bad_rows: bool = False
     format: TableFormat = TableFormat.csv
+    attributes: bool = True  # brand, colour, price columns (false: the table has only the five base columns)
 
 
 @dataclass
@@ -95,6 +96,12 @@ class PackConfig:
     image_column: str = "image"
     text_columns: List[str] = field(default_factory=lambda: ["title", "description"])
     label_column: str = "category"
+    # product attributes stored per sample (json "attributes") and fit on the train split into attributes.json;
+    # kinds are inferred (numeric when >= 95 % of the non-empty train cells are finite floats) unless forced
+    attribute_columns: List[str] = field(default_factory=list)
+    numeric_attributes: List[str] = field(default_factory=list)
+    categorical_attributes: List[str] = field(default_factory=list)
+    attribute_min_count: int = 5  # rarer train values share the "other" token
     labels: Optional[str] = None  # label whitelist (labels.json list or one per line): fixes order, rejects others
     splits: Dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
     seed: int = 0
@@ -275,6 +282,7 @@ def _merge_file(cfg: DictConfig, p: Path) -> DictConfig:
 # naming the key, before any work (today's alternative: ZeroDivisionError, IndexError or cv2.error mid-run).
 RANGES: Dict[str, Tuple[Optional[float], Optional[float], str]] = {
     "seed": (0, 2**32 - 1, "[]"),  # numpy's seed range
+    "attribute_min_count": (1, None, "[]"),  # mmcat pack
     "data.image_size": (1, None, "[]"),
     "data.min_crop_scale": (0, 1, "(]"),
     "data.max_text_length": (3, None, "[]"),  # [CLS] + one token + [SEP]; below the special tokens HF ignores it

@@ -29,9 +29,28 @@ def _samples(out: Path, manifest: dict, n: int) -> List[dict]:
             rows.append({"split": split, "key": sample["__key__"], "label": meta["label"],
                          "has_image": meta["has_image"], "has_text": meta["has_text"],
                          "image": f"{meta['width']}x{meta['height']}" if meta["has_image"] else meta.get("image_error"),
-                         "text": sample["txt"].decode("utf-8") if "txt" in sample else None})
+                         "text": sample["txt"].decode("utf-8") if "txt" in sample else None,
+                         **({"attributes": meta["attributes"]} if "attributes" in meta else {})})
         break
     return rows
+
+
+def _attributes(out: Path) -> List[dict]:
+    """attributes.json's columns (packed with --attribute-columns), else []."""
+    path = out / "attributes.json"
+    return json.loads(path.read_text(encoding="utf-8"))["columns"] if path.is_file() else []
+
+
+def _attribute_lines(columns: List[dict]) -> List[str]:
+    lines = [f"attributes ({len(columns)}, fit on the train split):"] if columns else []
+    for c in columns:
+        if c["kind"] == "categorical":
+            lines.append(f"  {c['name']:<16} categorical  {len(c['vocab'])} values seen >= {c['min_count']} times "
+                         f"({', '.join(c['vocab'][:5])}{', ...' if len(c['vocab']) > 5 else ''}), {len(c['rare'])} rarer")
+        else:
+            lines.append(f"  {c['name']:<16} numeric      mean {c['mean']:.4g}, std {c['std']:.4g}"
+                         f"{' (of log1p)' if c['log1p'] else ''}")
+    return lines
 
 
 def inspect_dataset(dir: str | Path, as_json: bool = False, samples: int = 3) -> int:
@@ -52,6 +71,7 @@ def inspect_dataset(dir: str | Path, as_json: bool = False, samples: int = 3) ->
                    for name, info in manifest["splits"].items()},
         "failures": dict(sorted(failures.items())), "image_notes": manifest.get("image_notes", {}),
         "settings": manifest["settings"], "samples": _samples(out, manifest, samples),
+        "attributes": _attributes(out),
         # recomputed, not read from the manifest: datasets packed before warnings existed get them too
         "warnings": split_warnings(manifest["labels"], manifest["splits"], manifest["settings"].get("splits", {})),
     }
@@ -76,6 +96,8 @@ def inspect_dataset(dir: str | Path, as_json: bool = False, samples: int = 3) ->
         print(f"  {reason:<32} {count:>6}")
     if report["image_notes"]:
         print("image conversions: " + ", ".join(f"{k} {v}" for k, v in report["image_notes"].items()))
+    for line in _attribute_lines(report["attributes"]):
+        print(line)
     for r in report["samples"]:
         text = (r["text"] or "<no text>").replace("\n", " | ")
         print(f"  [{r['split']}] {r['key']}  {r['label']}  image={r['image']}  {text[:70]}")

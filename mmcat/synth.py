@@ -1,7 +1,7 @@
 """``mmcat synth``: the embedded default dataset -- synthetic products with photos, titles and descriptions.
 
 Layout written to ``OUT``: ``products.csv`` (or ``.jsonl`` / ``.parquet``) with columns
-``id, image, title, description, category``; ``images/<id>.jpg``; ``labels.txt`` (the categories, one per line);
+``id, image, title, description, category[, brand, colour, price]``; ``images/<id>.jpg``; ``labels.txt`` (the categories, one per line);
 ``synth.json`` (the rates below and, per product, which modality is informative); with ``--bad-rows`` also the
 planted bad inputs and ``planted.json`` (their ids, table rows and the expected pack outcome).
 
@@ -15,6 +15,17 @@ Each modality is informative only part of the time, independently per product (d
   * text informative with p = 0.60 (TEXT_INFORMATIVE_P): category keywords in title and description; otherwise
     generic wording shared by all categories ("Acme deluxe item", "Great value for everyday use.");
   * description empty with p = 0.15 (DESCRIPTION_EMPTY_P), as in real catalogues -- packed as missing.
+With attributes (the default; ``--no-attributes`` leaves them out) the table also has ``brand, colour, price``,
+drawn from a separate random stream (photos and texts are the same either way), independently of whether the
+photo or the text is informative:
+  * brand informative with p = 0.50 (BRAND_INFORMATIVE_P): the category's own brand (CATEGORY_BRANDS, sold in no
+    other category); otherwise a house brand shared by all categories (85 %) or one of 300 small makers
+    ("Maker 017", mostly rarer than pack's --attribute-min-count); empty with p = 0.10 (BRAND_MISSING_P);
+  * colour informative with p = 0.40 (COLOUR_INFORMATIVE_P): the category's colour name (the colour its photo
+    object has); otherwise uniform over all 13 colour names; empty with p = 0.15 (COLOUR_MISSING_P);
+  * price weakly informative: log-normal around a category median (PRICE_MEDIANS, 12..150) with sigma 0.8, so the
+    categories overlap widely; empty with p = 0.05 (PRICE_MISSING_P).
+The title's leading brand word stays the random BRANDS pick it always was (so the text carries no attribute signal).
 So with C classes the best achievable accuracy is about 0.65 + 0.35/C from the photo alone, 0.60 + 0.40/C from
 the text alone and 1 - 0.35 * 0.40 * (1 - 1/C) fused: with C = 6, roughly 71 %, 67 % and 88 %.
 """
@@ -37,6 +48,14 @@ from mmcat.files import write_atomic
 IMAGE_INFORMATIVE_P = 0.65
 TEXT_INFORMATIVE_P = 0.60
 DESCRIPTION_EMPTY_P = 0.15
+BRAND_INFORMATIVE_P = 0.50
+BRAND_MISSING_P = 0.10
+COLOUR_INFORMATIVE_P = 0.40
+COLOUR_MISSING_P = 0.15
+PRICE_MISSING_P = 0.05
+PRICE_SIGMA = 0.8
+BASE_COLUMNS = ["id", "image", "title", "description", "category"]
+ATTRIBUTE_COLUMNS = ["brand", "colour", "price"]
 
 # name, shape, BGR colour, texture, nouns, feature phrases
 CATEGORIES: List[Tuple[str, str, Tuple[int, int, int], str, List[str], List[str]]] = [
@@ -65,6 +84,13 @@ CATEGORIES: List[Tuple[str, str, Tuple[int, int, int], str, List[str], List[str]
     ("tools", "bar", (20, 90, 140), "checker", ["screwdriver set", "hammer", "drill", "wrench"],
      ["hardened steel", "an ergonomic grip", "a magnetic tip", "a carrying case", "a lifetime warranty"]),
 ]
+# per category (same order as CATEGORIES): its own brand, the colour name of its photo object, its median price
+CATEGORY_BRANDS = ["Stridewell", "Tempora", "Brewcraft", "Luxor", "Trailpak", "Sonique", "Greenleaf", "Playnest",
+                   "Aquaflo", "Forgeline"]
+CATEGORY_COLOURS = ["red", "blue", "yellow", "green", "purple", "teal", "orange", "pink", "navy", "brown"]
+COLOURS = CATEGORY_COLOURS + ["white", "black", "grey"]
+PRICE_MEDIANS = [60.0, 150.0, 12.0, 35.0, 45.0, 80.0, 20.0, 25.0, 18.0, 40.0]
+SMALL_MAKERS = 300
 BRANDS = ["Acme", "Nordhaven", "Lumo", "Vexa", "Orbit", "Kestrel", "Tandem", "Brightline", "Solace", "Quill"]
 ADJECTIVES = ["deluxe", "classic", "premium", "compact", "modern", "vintage", "essential", "lightweight", "durable",
               "elegant"]
@@ -221,6 +247,37 @@ def product_text(rng: np.random.Generator, category: int, informative: bool) -> 
     return title, desc
 
 
+# ---------------------------------------------------------------------------------------------- attributes
+def product_attributes(rng: np.random.Generator, category: int | None) -> Tuple[Dict[str, object], Dict[str, bool]]:
+    """(brand, colour, price of one product -- None when missing --, which of brand/colour is informative);
+    ``category`` None (a planted row with an unusable label): nothing informative."""
+    brand_ok = category is not None and bool(rng.random() < BRAND_INFORMATIVE_P)
+    colour_ok = category is not None and bool(rng.random() < COLOUR_INFORMATIVE_P)
+    if brand_ok:
+        brand = CATEGORY_BRANDS[category]
+    elif rng.random() < 0.85:
+        brand = str(rng.choice(BRANDS))
+    else:
+        brand = f"Maker {int(rng.integers(0, SMALL_MAKERS)):03d}"
+    colour = CATEGORY_COLOURS[category] if colour_ok else str(rng.choice(COLOURS))
+    median = PRICE_MEDIANS[category] if category is not None else float(np.median(PRICE_MEDIANS))
+    price = round(float(median * np.exp(rng.normal(0.0, PRICE_SIGMA))), 2)
+    values = {"brand": None if rng.random() < BRAND_MISSING_P else brand,
+              "colour": None if rng.random() < COLOUR_MISSING_P else colour,
+              "price": None if rng.random() < PRICE_MISSING_P else price}
+    return values, {"brand_informative": brand_ok, "colour_informative": colour_ok}
+
+
+def _add_attributes(rows: List[Dict[str, object]], truth: List[dict], labels: List[str], seed: int) -> None:
+    """Attribute columns for every row (the planted ones too), each from its own random stream."""
+    for i, row in enumerate(rows):
+        category = labels.index(row["category"]) if row["category"] in labels else None
+        values, informative = product_attributes(np.random.default_rng([seed, i, 7]), category)
+        row.update(values)
+        if i < len(truth):
+            truth[i].update(informative)
+
+
 # ---------------------------------------------------------------------------------------------- bad inputs
 def _png_header_only(w: int, h: int) -> bytes:
     """A tiny PNG whose header claims w x h pixels: a decompression-bomb stand-in (never decoded)."""
@@ -295,9 +352,14 @@ def _plant_bad_rows(out: Path, rows: List[Dict[str, str]], labels: List[str], rn
     return planted
 
 
+_ATTRIBUTE_RATES = {"brand_informative": BRAND_INFORMATIVE_P, "brand_missing": BRAND_MISSING_P,
+                    "colour_informative": COLOUR_INFORMATIVE_P, "colour_missing": COLOUR_MISSING_P,
+                    "price_missing": PRICE_MISSING_P, "price_sigma": PRICE_SIGMA}
+
+
 # ------------------------------------------------------------------------------------------------- writing
-def _table_bytes(rows: List[Dict[str, str]], fmt: str) -> bytes:
-    cols = ["id", "image", "title", "description", "category"]
+def _table_bytes(rows: List[Dict[str, object]], fmt: str, cols: List[str]) -> bytes:
+    """csv: a missing value is an empty cell; jsonl/parquet: null (price a number)."""
     if fmt == "csv":
         buf = io.StringIO(newline="")
         writer = csv.DictWriter(buf, fieldnames=cols)
@@ -342,12 +404,15 @@ def synthesize(cfg) -> Path:
                      "category": labels[cat]})
         truth.append({"id": pid, "image_informative": img_ok, "image_mode": mode, "text_informative": txt_ok})
     planted = _plant_bad_rows(out, rows, labels, np.random.default_rng([cfg.seed, 10**9])) if cfg.bad_rows else []
+    if cfg.attributes:
+        _add_attributes(rows, truth, labels, cfg.seed)
     table = out / f"products.{cfg.format}"
-    write_atomic(table, _table_bytes(rows, cfg.format))
+    write_atomic(table, _table_bytes(rows, cfg.format, BASE_COLUMNS + (ATTRIBUTE_COLUMNS if cfg.attributes else [])))
     write_atomic(out / "labels.txt", "".join(f"{label}\n" for label in labels))
     meta = {"seed": cfg.seed, "num_products": cfg.num_products, "labels": labels,
             "rates": {"image_informative": IMAGE_INFORMATIVE_P, "text_informative": TEXT_INFORMATIVE_P,
-                      "description_empty": DESCRIPTION_EMPTY_P}, "products": truth}
+                      "description_empty": DESCRIPTION_EMPTY_P, **(_ATTRIBUTE_RATES if cfg.attributes else {})},
+            "products": truth}
     write_atomic(out / "synth.json", json.dumps(meta, indent=1))
     if cfg.bad_rows:
         write_atomic(out / "planted.json", json.dumps({"table": table.name, "labels_file": "labels.txt",

@@ -11,7 +11,8 @@ import cv2
 import pytest
 
 from mmcat.config import ConfigError
-from mmcat.synth import CATEGORIES, GENERIC_NOUNS, IMAGE_INFORMATIVE_P, TEXT_INFORMATIVE_P, synthesize
+from mmcat.synth import (BRAND_INFORMATIVE_P, CATEGORIES, CATEGORY_BRANDS, CATEGORY_COLOURS, COLOUR_INFORMATIVE_P,
+                         GENERIC_NOUNS, IMAGE_INFORMATIVE_P, PRICE_MEDIANS, TEXT_INFORMATIVE_P, synthesize)
 
 from conftest import synth_config
 
@@ -23,7 +24,8 @@ def _rows(path: Path):
 
 def test_layout_sizes_and_vocabulary(tiny_raw_dataset: Path):
     rows = _rows(tiny_raw_dataset / "products.csv")
-    assert len(rows) == 120 and list(rows[0]) == ["id", "image", "title", "description", "category"]
+    assert len(rows) == 120 and list(rows[0]) == ["id", "image", "title", "description", "category", "brand", "colour",
+                                                  "price"]
     labels = (tiny_raw_dataset / "labels.txt").read_text().split()
     assert labels == [c[0] for c in CATEGORIES[:4]]
     assert {r["category"] for r in rows} == set(labels)
@@ -47,7 +49,9 @@ def test_layout_sizes_and_vocabulary(tiny_raw_dataset: Path):
 def test_rates_are_documented_and_independent(tmp_path: Path):
     synthesize(synth_config(tmp_path, num_products=400, num_classes=6, min_side=32, max_side=48, seed=3))
     meta = json.loads((tmp_path / "synth.json").read_text())
-    assert meta["rates"] == {"image_informative": 0.65, "text_informative": 0.6, "description_empty": 0.15}
+    assert meta["rates"] == {"image_informative": 0.65, "text_informative": 0.6, "description_empty": 0.15,
+                             "brand_informative": 0.5, "brand_missing": 0.1, "colour_informative": 0.4,
+                             "colour_missing": 0.15, "price_missing": 0.05, "price_sigma": 0.8}
     img = [p["image_informative"] for p in meta["products"]]
     txt = [p["text_informative"] for p in meta["products"]]
     assert abs(sum(img) / 400 - IMAGE_INFORMATIVE_P) < 0.08
@@ -104,3 +108,37 @@ def test_cli_and_config_errors(tmp_path: Path):
     proc = subprocess.run([sys.executable, "-m", "mmcat", "synth", "--out", str(tmp_path / "f"), "--min-side", "500",
                            "--max-side", "100"], capture_output=True, text=True)
     assert proc.returncode == 2 and "min_side" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_attribute_columns_rates_and_off_switch(tmp_path: Path):
+    """brand/colour carry the category for about their documented share of products, independently of the photo;
+    price medians follow the category; --no-attributes writes the base table with the same photos and texts."""
+    synthesize(synth_config(tmp_path / "a", num_products=400, num_classes=6, min_side=16, max_side=16, seed=3))
+    rows = _rows(tmp_path / "a" / "products.csv")
+    meta = json.loads((tmp_path / "a" / "synth.json").read_text())
+    truth = {p["id"]: p for p in meta["products"]}
+    labels = [c[0] for c in CATEGORIES]
+    for r in rows:
+        cat, t = labels.index(r["category"]), truth[r["id"]]
+        if r["brand"]:  # a category's own brand appears exactly when the brand is informative
+            assert (r["brand"] == CATEGORY_BRANDS[cat]) == t["brand_informative"], r
+            assert r["brand"] not in CATEGORY_BRANDS or r["brand"] == CATEGORY_BRANDS[cat]
+        if r["colour"] and t["colour_informative"]:
+            assert r["colour"] == CATEGORY_COLOURS[cat]
+    brand = [p["brand_informative"] for p in meta["products"]]
+    image = [p["image_informative"] for p in meta["products"]]
+    assert abs(sum(brand) / 400 - BRAND_INFORMATIVE_P) < 0.08
+    assert abs(sum(p["colour_informative"] for p in meta["products"]) / 400 - COLOUR_INFORMATIVE_P) < 0.08
+    both = sum(a and b for a, b in zip(brand, image)) / 400
+    assert abs(both - BRAND_INFORMATIVE_P * IMAGE_INFORMATIVE_P) < 0.07  # independent of the photo
+    assert 0.05 < sum(not r["brand"] for r in rows) / 400 < 0.16
+    prices = {c: sorted(float(r["price"]) for r in rows if r["category"] == labels[c] and r["price"]) for c in range(6)}
+    medians = [ps[len(ps) // 2] for ps in prices.values()]
+    assert all(0.6 < m / PRICE_MEDIANS[c] < 1.6 for c, m in enumerate(medians)), medians
+
+    synthesize(synth_config(tmp_path / "b", num_products=400, num_classes=6, min_side=16, max_side=16, seed=3,
+                            attributes=False))
+    base = _rows(tmp_path / "b" / "products.csv")
+    assert list(base[0]) == ["id", "image", "title", "description", "category"]
+    assert base == [{k: r[k] for k in base[0]} for r in rows]
+    assert (tmp_path / "a" / "images" / "p000007.jpg").read_bytes() == (tmp_path / "b" / "images" / "p000007.jpg").read_bytes()

@@ -17,13 +17,14 @@ def pack(cfg) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> PackConfig:
-    from mmcat.pack.cli_args import PACK_KEYS
+    from mmcat.pack.cli_args import LIST_KEYS, PACK_KEYS
     from mmcat.pack.split import parse_splits
 
     # values, not dotlist strings: paths with '=', ':' or spaces stay intact; --splits replaces the default dict
     values = {key: getattr(args, key) for key in PACK_KEYS if getattr(args, key, None) is not None}
-    if getattr(args, "text_columns", None):
-        values["text_columns"] = [c.strip() for c in args.text_columns.split(",") if c.strip()]
+    for key in LIST_KEYS:
+        if getattr(args, key, None):
+            values[key] = [c.strip() for c in getattr(args, key).split(",") if c.strip()]
     if getattr(args, "splits", None):
         values["splits"] = parse_splits(args.splits)
     return load_config(PackConfig, getattr(args, "config", None), require_complete=False, values=values)

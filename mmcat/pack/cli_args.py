@@ -18,6 +18,15 @@ def add_pack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-column", dest="image_column", help=f"default: {_D.image_column}")
     p.add_argument("--text-columns", dest="text_columns", help="comma-separated (default: title,description)")
     p.add_argument("--label-column", dest="label_column", help=f"default: {_D.label_column}")
+    p.add_argument("--attribute-columns", dest="attribute_columns",
+                   help="comma-separated product attributes (e.g. brand,colour,price) stored per sample and fit on "
+                   "the train split into attributes.json (default: none)")
+    p.add_argument("--numeric-attributes", dest="numeric_attributes",
+                   help="attribute columns forced numeric (default: inferred from the train values)")
+    p.add_argument("--categorical-attributes", dest="categorical_attributes",
+                   help="attribute columns forced categorical (default: inferred from the train values)")
+    p.add_argument("--attribute-min-count", dest="attribute_min_count", type=int,
+                   help=f"train count a categorical value needs for its own token (default: {_D.attribute_min_count})")
     p.add_argument("--labels", help="label whitelist (JSON list or one per line): fixes the label order; "
                    "rows with other labels are rejected as label_unknown")
     p.add_argument("--splits", help="name=fraction,... (default: train=0.8,val=0.1,test=0.1)")
@@ -42,5 +51,8 @@ def add_pack_arguments(p: argparse.ArgumentParser) -> None:
 
 
 PACK_KEYS = ("input", "out", "format", "images_root", "id_column", "image_column", "label_column", "labels", "seed",
+             "attribute_min_count",
              "image_size", "resize_mode", "jpeg_quality", "max_samples_per_shard", "max_shard_bytes",
              "max_image_pixels", "max_image_bytes", "workers", "resume", "slice_index", "num_slices")
+
+LIST_KEYS = ("text_columns", "attribute_columns", "numeric_attributes", "categorical_attributes")  # comma-separated

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping
+from typing import Dict, Iterable, List, Mapping, Optional
 
 from mmcat import __version__
 from mmcat.pack.split import split_warnings
@@ -44,7 +44,8 @@ def sort_failures(failures: Iterable[dict]) -> List[dict]:
 
 
 def build_manifest(settings: Mapping, labels: List[str], splits: Mapping[str, dict], failures: List[dict],
-                   notes: Mapping[str, int], num_slices: int = 1) -> dict:
+                   notes: Mapping[str, int], num_slices: int = 1, attributes: Optional[Mapping[str, str]] = None
+                   ) -> dict:
     return {
         "format": "webdataset",
         "mmcat_version": __version__,
@@ -55,14 +56,21 @@ def build_manifest(settings: Mapping, labels: List[str], splits: Mapping[str, di
         "failures": failure_summary(failures),
         "image_notes": dict(sorted(notes.items())),
         "settings": dict(settings),
+        "attributes": dict(attributes or {}),  # attribute column -> kind (categorical | numeric), in order
         "slices": num_slices,
         "warnings": split_warnings(labels, splits, settings["splits"]),
     }
 
 
-def write_dataset_files(out: Path, manifest: dict, failures: List[dict]) -> None:
-    """labels, sizes and failures first; the manifest last, because its presence means "complete"."""
+def write_dataset_files(out: Path, manifest: dict, failures: List[dict], attributes: Optional[dict] = None) -> None:
+    """labels, attributes, sizes and failures first; the manifest last, because its presence means "complete".
+    ``attributes``: the attributes.json object (None: no attribute columns, and no stale attributes.json stays)."""
     write_json_atomic(out / "labels.json", manifest["labels"])
+    if attributes is not None:
+        write_json_atomic(out / "attributes.json", attributes)
+    else:
+        with writing(out):
+            (out / "attributes.json").unlink(missing_ok=True)
     for split, info in manifest["splits"].items():
         with writing(out / split):
             (out / split).mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,8 @@ import cv2
 from tqdm import tqdm
 
 from mmcat.errors import ConfigError
+from mmcat.pack.attributes import (ATTRIBUTE_STATS, FIT_SPLIT, Kinds, check_attribute_settings, infer_kinds,
+                                   merged_stats, typed_values)
 from mmcat.pack.manifest import build_manifest, records_summary, sort_failures, sum_notes, write_dataset_files
 from mmcat.pack.plan import Plan, Task, build_plan
 from mmcat.pack.tables import detect_format, read_table
@@ -62,7 +64,9 @@ def _validate(cfg) -> Dict[str, float]:
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"config key '{key}': {getattr(cfg, key)!r} {msg}")
-    return check_splits(cfg.splits)
+    splits = check_splits(cfg.splits)
+    check_attribute_settings(cfg, splits)
+    return splits
 
 
 def _file_sha256(path: Path) -> str:
@@ -83,6 +87,8 @@ def _settings(cfg, input_path: Path, fmt: str, images_root: Path, splits: Dict[s
         "image_size": cfg.image_size, "resize_mode": cfg.resize_mode, "jpeg_quality": cfg.jpeg_quality,
         "max_samples_per_shard": cfg.max_samples_per_shard, "max_shard_bytes": float(cfg.max_shard_bytes),
         "max_image_pixels": cfg.max_image_pixels, "max_image_bytes": cfg.max_image_bytes,
+        "attribute_columns": list(cfg.attribute_columns), "numeric_attributes": list(cfg.numeric_attributes),
+        "categorical_attributes": list(cfg.categorical_attributes), "attribute_min_count": cfg.attribute_min_count,
     }
 
 
@@ -105,7 +111,7 @@ def _prepare_state(layout: Layout, run_settings: dict, resume: bool, splits: Lis
     else:
         shutil.rmtree(out / STATE_DIR, ignore_errors=True)
         shutil.rmtree(out / "slices", ignore_errors=True)
-        for name in ("manifest.json", "labels.json", "failures.jsonl"):
+        for name in ("manifest.json", "labels.json", "failures.jsonl", "attributes.json"):
             (out / name).unlink(missing_ok=True)
     for split in splits:
         split_dir = out / split
@@ -143,12 +149,14 @@ def pack(cfg) -> dict:
     splits = _validate(cfg)
     input_path = Path(cfg.input)
     fmt = detect_format(input_path, cfg.format)
-    required = list(dict.fromkeys([cfg.id_column, cfg.image_column, *cfg.text_columns, cfg.label_column]))
+    required = list(dict.fromkeys([cfg.id_column, cfg.image_column, *cfg.text_columns, cfg.label_column,
+                                   *cfg.attribute_columns]))
     rows, problems = read_table(input_path, fmt, required)
     images_root = Path(cfg.images_root) if cfg.images_root else input_path.parent
     if not images_root.is_dir():
         raise ConfigError(f"--images-root {images_root}: not a directory")
     plan = build_plan(rows, cfg, images_root, problems)
+    kinds = _type_attributes(cfg, plan)
     settings = _settings(cfg, input_path, fmt, images_root, splits)
     layout = Layout(Path(cfg.out), cfg.slice_index, cfg.num_slices)
     with writing(layout.out):  # a read-only or full file system, or an --out below a regular file
@@ -156,7 +164,7 @@ def pack(cfg) -> dict:
         _prepare_state(layout, dict(settings, slice_index=cfg.slice_index, num_slices=cfg.num_slices), cfg.resume,
                        list(splits))
 
-    writers, done, todo = _open_writers(cfg, plan, layout, list(splits))
+    writers, done, todo = _open_writers(cfg, plan, layout, list(splits), kinds)
     image_settings = ImageSettings(cfg.image_size, cfg.resize_mode, cfg.jpeg_quality, cfg.max_image_pixels,
                                    cfg.max_image_bytes)
     with tqdm(total=len(todo), unit="img", desc="pack", disable=None) as bar:
@@ -166,7 +174,19 @@ def pack(cfg) -> dict:
     for split, writer in writers.items():
         writer.finish(len(_owned_tasks(plan, layout, split)))
     records = {split: done[split] + writers[split].records for split in splits}
-    return _write_summary(cfg, plan, layout, settings, records)
+    return _write_summary(cfg, plan, layout, settings, records, kinds)
+
+
+def _type_attributes(cfg, plan: Plan) -> Kinds:
+    """Decide the attribute kinds from the plan's train rows (the whole table's, so every slice agrees) and turn
+    each task's cells into the values its sample stores."""
+    if not cfg.attribute_columns:
+        return {}
+    kinds = infer_kinds(cfg, [t.attributes for t in plan.tasks.get(FIT_SPLIT, [])])
+    for tasks in plan.tasks.values():
+        for task in tasks:
+            task.attributes = typed_values(task.attributes, kinds)
+    return kinds
 
 
 def _owned_tasks(plan: Plan, layout: Layout, split: str) -> List[Task]:
@@ -174,7 +194,7 @@ def _owned_tasks(plan: Plan, layout: Layout, split: str) -> List[Task]:
     return [t for t in plan.tasks[split] if layout.owns_row(t.row)]
 
 
-def _open_writers(cfg, plan: Plan, layout: Layout, splits: List[str]
+def _open_writers(cfg, plan: Plan, layout: Layout, splits: List[str], kinds: Kinds
                   ) -> Tuple[Dict[str, SplitWriter], Dict[str, List[dict]], List[Tuple[str, int, Task]]]:
     """A writer per split, positioned after the shards a resumed run already finished; returns (writers, records of
     the finished shards per split, the tasks still to process in writing order)."""
@@ -192,22 +212,29 @@ def _open_writers(cfg, plan: Plan, layout: Layout, splits: List[str]
                     with writing(stale):
                         stale.unlink()
         writers[split] = SplitWriter(shard_dir, state_dir, layout.shard_name, plan.labels, cfg.max_samples_per_shard,
-                                     cfg.max_shard_bytes, next_index=len(done[split]), next_pos=start)
+                                     cfg.max_shard_bytes, next_index=len(done[split]), next_pos=start,
+                                     attribute_kinds=kinds if kinds and split == FIT_SPLIT else None)
         todo.extend((split, pos, task) for pos, task in enumerate(mine) if pos >= start)
     return writers, done, todo
 
 
-def _write_summary(cfg, plan: Plan, layout: Layout, settings: dict, records: Dict[str, List[dict]]) -> dict:
+def _write_summary(cfg, plan: Plan, layout: Layout, settings: dict, records: Dict[str, List[dict]],
+                   kinds: Kinds) -> dict:
     """manifest.json, labels, sizes and failures.jsonl of the run (or of its slice); returns the manifest."""
     all_records = [r for recs in records.values() for r in recs]
     failures = sort_failures([f for f in plan.rejected if layout.owns_row(f["row"])]
                              + [f for r in all_records for f in r["failures"]])
     summaries = {split: records_summary(split_records, plan.labels) for split, split_records in records.items()}
-    manifest = build_manifest(settings, plan.labels, summaries, failures, sum_notes(all_records))
+    manifest = build_manifest(settings, plan.labels, summaries, failures, sum_notes(all_records), attributes=kinds)
+    stats = merged_stats(kinds, (r.get("attribute_stats") for r in records.get(FIT_SPLIT, []))) if kinds else None
     if layout.sliced:
         # one slice's splits say nothing about the dataset's: pack-merge warns about the merged splits
         manifest.update(slices=cfg.num_slices, slice_index=cfg.slice_index, warnings=[])
         with writing(layout.summary):
             layout.summary.mkdir(parents=True, exist_ok=True)
-    write_dataset_files(layout.summary, manifest, failures)
+        if stats is not None:  # a slice's train rows alone would fit the wrong vocabulary: pack-merge fits
+            write_json_atomic(layout.summary / ATTRIBUTE_STATS, stats.to_json())
+        stats = None
+    write_dataset_files(layout.summary, manifest, failures,
+                        attributes=stats.fit(cfg.attribute_min_count) if stats is not None else None)
     return manifest

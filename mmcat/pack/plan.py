@@ -12,10 +12,11 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mmcat.errors import ConfigError
 from mmcat.hashing import stable_hash
+from mmcat.pack.attributes import raw_cell
 from mmcat.pack.split import assign_splits
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -35,6 +36,9 @@ class Task:
     label_index: int
     texts: Dict[str, Optional[str]]  # text column -> normalized text, None when empty
     image_path: Optional[str]
+    # attribute column -> value: the stripped cell (None when empty) from build_plan; typed (a float for a numeric
+    # column) by the packer once the kinds are known. None: packed without --attribute-columns
+    attributes: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -114,6 +118,7 @@ def build_plan(rows: Sequence[Dict[str, str]], cfg, images_root: Path, problems:
                 row=i + 1, id=id_, key=safe_key(id_), split=split, label=label, label_index=index[label],
                 texts={c: normalize_text(r[c]) for c in cfg.text_columns},
                 image_path=str(images_root / rel) if rel else None,  # an absolute rel wins over the root
+                attributes={c: raw_cell(r[c]) for c in cfg.attribute_columns} if cfg.attribute_columns else None,
             ))
     return Plan(labels=list(labels), tasks=tasks, rejected=rejected)
 

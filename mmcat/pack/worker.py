@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import cv2
 
@@ -30,6 +30,7 @@ class Result:
     label_index: int
     failure: Optional[dict] = None  # failures.jsonl record (degraded or rejected)
     notes: List[str] = field(default_factory=list)
+    attributes: Optional[Dict[str, Any]] = None  # the sample's typed attributes (for the train split's fit)
 
 
 _settings: Optional[ImageSettings] = None
@@ -50,6 +51,8 @@ def process_task_in_worker(task: Task) -> Result:
 def process_task(task: Task, s: ImageSettings) -> Result:
     meta: dict = {"id": task.id, "label": task.label, "label_index": task.label_index, "row": task.row}
     meta.update(task.texts)
+    if task.attributes is not None:  # every column as a key, null when missing (the attributes contract)
+        meta["attributes"] = dict(task.attributes)
     text_parts = [t for t in task.texts.values() if t]
     members: Dict[str, bytes] = {}
     notes: List[str] = []
@@ -83,4 +86,4 @@ def process_task(task: Task, s: ImageSettings) -> Result:
         members["txt"] = "\n".join(text_parts).encode("utf-8")
     members["json"] = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
     members["cls"] = str(task.label_index).encode("ascii")
-    return Result(members, task.label_index, failure, notes)
+    return Result(members, task.label_index, failure, notes, task.attributes)

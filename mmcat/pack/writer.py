@@ -18,6 +18,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 from mmcat.errors import OutputError
 from mmcat.files import publish_file, temp_path, write_atomic
+from mmcat.pack.attributes import AttributeStats
 from mmcat.pack.worker import Result
 
 TAR_MTIME = 946684800  # 2000-01-01: fixed so the same input gives byte-identical shards
@@ -58,7 +59,9 @@ class SplitWriter:
     """Shards of one split (for one slice). Feed results with ``add(pos, key, result)`` in position order."""
 
     def __init__(self, shard_dir: Path, state_dir: Path, name: Callable[[int], str], labels: List[str],
-                 max_samples: int, max_bytes: float, next_index: int = 0, next_pos: int = 0):
+                 max_samples: int, max_bytes: float, next_index: int = 0, next_pos: int = 0,
+                 attribute_kinds: Optional[Dict[str, str]] = None):
+        self.attribute_kinds = attribute_kinds  # set for the split attributes.json is fit on
         self.shard_dir, self.state_dir, self.name, self.labels = shard_dir, state_dir, name, labels
         self.max_samples, self.max_bytes = max_samples, max_bytes
         self.index, self.start = next_index, next_pos
@@ -76,6 +79,7 @@ class SplitWriter:
         self.label_counts = [0] * len(self.labels)
         self.failures: List[dict] = []
         self.notes: Dict[str, int] = {}
+        self.attribute_stats = AttributeStats(self.attribute_kinds) if self.attribute_kinds is not None else None
 
     def _open(self) -> None:
         from webdataset import TarWriter  # imported on first use: it pulls in torch (~1.5 s), config errors stay fast
@@ -119,6 +123,8 @@ class SplitWriter:
             self.samples += 1
             self.bytes += size
             self.label_counts[result.label_index] += 1
+            if self.attribute_stats is not None:
+                self.attribute_stats.add(result.attributes or {})
         if result.failure is not None:
             self.failures.append(result.failure)
         for note in result.notes:
@@ -137,6 +143,8 @@ class SplitWriter:
         record = {"index": self.index, "name": name, "samples": self.samples, "bytes": size, "start": self.start,
                   "end": end, "label_counts": dict(zip(self.labels, self.label_counts)),
                   "failures": self.failures, "notes": self.notes}
+        if self.attribute_stats is not None:  # per shard, so a resumed run or pack-merge refits exactly
+            record["attribute_stats"] = self.attribute_stats.to_json()
         # a failures-only tail (no sample after the last shard) gets a record without a shard
         write_json_atomic(self.state_dir / f"{self.index:06d}.json", record)
         self.records.append(record)
