@@ -88,7 +88,7 @@ def build_training(cfg: Any, build_loader: LoaderBuilder = build_train_loader) -
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "config.yaml", to_yaml(cfg))
-    log.info("mmcat train: %s", describe(acc))
+    log.info("mmcat train: %s; modalities: %s", describe(acc), ", ".join(cfg.model.modalities))
 
     tokenizer = load_tokenizer(cfg.model.text)
     probe = build_loader(cfg, tokenizer, acc.process_index, acc.num_processes, epoch=0)
@@ -107,8 +107,6 @@ def _with_modalities(cfg: Any) -> Tuple[Any, List[Any]]:
     names, modalities = training_modalities(cfg)
     cfg = OmegaConf.merge(cfg, {"model": {"modalities": names}})
     OmegaConf.set_readonly(cfg, True)
-    if modalities:
-        log.info("modalities: %s", ", ".join(names))
     return cfg, modalities
 
 
