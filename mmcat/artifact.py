@@ -10,15 +10,18 @@ Layout::
     best/text_encoder/config.json the text encoder's architecture (weights live in model.safetensors)
     best/tokenizer/               the tokenizer files
     best/metrics.json             validation metrics at the step it was exported
+    best/attributes.json ...      the files of the plug-in modalities (``mmcat.modalities``), copied unchanged from
+                                  the training data, so inference encodes exactly as training did
 
 Loading builds the model from these files alone (no hub, no pretrained downloads, no checkpoint state).
 """
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -65,7 +68,8 @@ def _hf_text_model(model: torch.nn.Module) -> PreTrainedModel:
 
 
 def export_artifact(out_dir: Path, state_dict: Dict[str, torch.Tensor], model: torch.nn.Module, cfg: Any,
-                    labels: List[str], tokenizer: Any, metrics: Optional[Dict] = None) -> Path:
+                    labels: List[str], tokenizer: Any, metrics: Optional[Dict] = None,
+                    modalities: Sequence[Any] = ()) -> Path:
     """Write the artifact to a temp dir and swap it in whole: ``best/`` is never half-written, and never absent
     where the OS can swap directories atomically (see :func:`mmcat.files.publish_dir`)."""
     out_dir = Path(out_dir)
@@ -76,6 +80,9 @@ def export_artifact(out_dir: Path, state_dict: Dict[str, torch.Tensor], model: t
     (tmp / "labels.json").write_text(json.dumps(list(labels), ensure_ascii=False, indent=1))
     _hf_text_model(model).config.save_pretrained(tmp / "text_encoder")
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    for m in modalities:
+        for name, src in m.paths.items():
+            shutil.copyfile(src, tmp / name)
     if metrics is not None:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     publish_dir(tmp, out_dir)
@@ -89,6 +96,14 @@ class Artifact:
     labels: List[str]
     cfg: Any  # ArtifactConfig: the model section and the preprocessing, read-only
     path: Path
+    modalities: List[Any] = field(default_factory=list)  # the non-built-in ones, with best/'s files
+
+    @property
+    def modes(self) -> List[str]:
+        """Its evaluation modes (fused, <m>_only, without_<m>)."""
+        from mmcat.modalities import modes_for
+
+        return modes_for(["image", "text", *(m.name for m in self.modalities)])
 
     def data_config(self, root: str, **overrides: Any) -> Any:
         """A read-only ``DataConfig`` that reads ``root`` the way the model was trained to see it (for loaders,
@@ -128,9 +143,12 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
     # architecture from the artifact's own files; every weight comes from model.safetensors
     build_cfg = OmegaConf.merge(cfg.model, {"text": {"name": str(path / "text_encoder"), "pretrained": False},
                                             "image": {"weights": "none"}})
-    model = build_model(build_cfg, num_labels=len(labels))
+    from mmcat.modalities import artifact_modalities
+
+    modalities = artifact_modalities(cfg.model, path)
+    model = build_model(build_cfg, num_labels=len(labels), modalities=modalities)
     missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS)), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"artifact {path} does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")
     tokenizer = load_tokenizer(OmegaConf.merge(cfg.model.text, {"name": str(path / "tokenizer")}))
-    return Artifact(model.to(device).eval(), tokenizer, labels, cfg, path)
+    return Artifact(model.to(device).eval(), tokenizer, labels, cfg, path, modalities)

@@ -171,6 +171,9 @@ class ModelConfig:
     hidden_dim: int = 256
     dropout: float = 0.1
     modality_dropout: float = 0.25  # probability of hiding one modality of a training sample
+    # image, text and any registered modality (attributes, plug-ins); null = what the packed data has
+    modalities: Optional[List[str]] = None
+    plugins: List[str] = field(default_factory=list)  # modules imported by name that register modalities
 
 
 @dataclass

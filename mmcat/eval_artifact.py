@@ -1,4 +1,5 @@
-"""``mmcat eval``: fused / image-only / text-only metrics of a deployable artifact on a packed split."""
+"""``mmcat eval``: fused, ``<m>_only`` and (from three modalities on) ``without_<m>`` metrics of a deployable
+artifact on a packed split."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,7 @@ from omegaconf import OmegaConf
 
 from mmcat.artifact import load_artifact
 from mmcat.evaluation import dummy_batch, evaluate
-from mmcat.metrics import MODES, format_table, summary
+from mmcat.metrics import format_table, summary
 from mmcat.train.accel import multi_cpu_ddp, process_group_kwargs
 
 log = logging.getLogger(__name__)
@@ -55,12 +56,14 @@ def evaluate_artifact(model_dir: str, data_root: str, split: str = "test", batch
         data_cfg = OmegaConf.merge(data_cfg, {"labels_file": labels_file})
     check_split(data_cfg, split, list(art.labels), key="--split")  # one line now, not a traceback after the loop
     loader = build_eval_loader(data_cfg, split, art.tokenizer, batch_size, num_workers,
-                               rank=acc.process_index, world_size=acc.num_processes)
-    res = evaluate(art.model, loader, acc, art.labels, dummy_batch(art.tokenizer, data_cfg.image_size))
-    report = {m: summary(res[m]) for m in MODES}
+                               rank=acc.process_index, world_size=acc.num_processes, modalities=art.modalities)
+    modes = art.modes
+    res = evaluate(art.model, loader, acc, art.labels,
+                   dummy_batch(art.tokenizer, data_cfg.image_size, art.modalities), modes=modes)
+    report = {m: summary(res[m]) for m in modes}
     report.update(split=split, model=str(model_dir), data=data_root, skipped_samples=res["skipped_samples"],
-                  per_class={m: res[m]["per_class"] for m in MODES},
-                  confusion_matrix={m: res[m]["confusion_matrix"] for m in MODES})
+                  per_class={m: res[m]["per_class"] for m in modes},
+                  confusion_matrix={m: res[m]["confusion_matrix"] for m in modes})
     if acc.is_main_process:
         print(format_table(res, title=f"[{split}] {model_dir}"), flush=True)
         if out:

@@ -1,7 +1,8 @@
-"""The evaluation loop (validation during training, final metrics, ``mmcat eval``): one model in three modes from
-the same weights: fused, image only, text only.
+"""The evaluation loop (validation during training, final metrics, ``mmcat eval``): one model in several modes from
+the same weights: fused, ``<m>_only`` per modality and, from three modalities on, ``without_<m>`` (leave-one-out;
+:func:`mmcat.modalities.modes_for`).
 
-The ablations hide a modality through the model's own masks (``has_image`` / ``has_text``), the same path the
+The ablations hide modalities through the model's own masks (``has_<name>``), the same path the
 model learned with modality dropout, so they measure what a deployed model does when a photo or text is missing.
 Each rank evaluates its own shards; predictions are gathered as objects with ``gather_for_metrics``, so the
 counts are exact (no padded duplicates) whatever the number of ranks. Ranks step in lockstep: one that has run out
@@ -21,14 +22,16 @@ from mmcat.metrics import MODES, classification_metrics
 from mmcat.models.fusion import forward_batch
 
 
-def dummy_batch(tokenizer: Any, image_size: int) -> Dict[str, Any]:
-    """A one-sample batch with neither modality, for lockstep forwards whose output is thrown away."""
+def dummy_batch(tokenizer: Any, image_size: int, modalities: Sequence[Any] = ()) -> Dict[str, Any]:
+    """A one-sample batch with no modality, for lockstep forwards whose output is thrown away."""
     enc = tokenizer([""], return_tensors="pt")
+    extra = {k: v for m in modalities for k, v in ((m.name, m.collate([None])),
+                                                    (f"has_{m.name}", torch.zeros(1, dtype=torch.bool)))}
     return {
         "pixel_values": torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8),
         "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
         "has_image": torch.zeros(1, dtype=torch.bool), "has_text": torch.zeros(1, dtype=torch.bool),
-        "labels": torch.zeros(1, dtype=torch.long),
+        **extra, "labels": torch.zeros(1, dtype=torch.long),
     }
 
 

@@ -6,7 +6,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
-MODES = ("fused", "image_only", "text_only")
+MODES = ("fused", "image_only", "text_only")  # of an image+text model: mmcat.modalities.modes_for
 
 
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> Dict:
@@ -31,16 +31,22 @@ def summary(metrics: Dict) -> Dict[str, float]:
     return {k: metrics[k] for k in ("accuracy", "macro_f1", "weighted_f1", "num_samples")}
 
 
+def result_modes(results: Dict) -> List[str]:
+    """The evaluation modes of a result dict, in their order (its other keys, e.g. skipped_samples, are not)."""
+    return [k for k, v in results.items() if isinstance(v, dict) and "accuracy" in v]
+
+
 def format_table(results: Dict[str, Dict], title: str = "") -> str:
     """A fixed-width table: one row per mode with accuracy and F1 scores."""
     lines = [title] if title else []
-    lines.append(f"{'mode':<12}{'accuracy':>10}{'macro_f1':>10}{'weighted_f1':>13}{'samples':>9}")
-    for mode in MODES:
-        if mode in results:
-            m = results[mode]
-            lines.append(
-                f"{mode:<12}{m['accuracy']:>10.4f}{m['macro_f1']:>10.4f}{m['weighted_f1']:>13.4f}{m['num_samples']:>9d}"
-            )
+    modes = result_modes(results)
+    w = max([12, *(len(m) + 2 for m in modes)])
+    lines.append(f"{'mode':<{w}}{'accuracy':>10}{'macro_f1':>10}{'weighted_f1':>13}{'samples':>9}")
+    for mode in modes:
+        m = results[mode]
+        lines.append(
+            f"{mode:<{w}}{m['accuracy']:>10.4f}{m['macro_f1']:>10.4f}{m['weighted_f1']:>13.4f}{m['num_samples']:>9d}"
+        )
     return "\n".join(lines)
 
 

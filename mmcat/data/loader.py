@@ -50,6 +50,7 @@ from mmcat.data.shards import ShardSource, all_shards, read_labels, shard_source
 from mmcat.data.transforms import eval_view, to_pixel_values, train_view
 from mmcat.hashing import stable_seed
 from mmcat.errors import DataError
+from mmcat.modalities import training_modalities
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenization runs in loader workers, one thread each
 log = logging.getLogger(__name__)
@@ -142,8 +143,9 @@ class _Members:
     """``select_files`` for tar reading: members the pipeline does not use (e.g. ``json`` when labels come from
     ``cls``, embeddings written by other tools) are skipped without being read into memory."""
 
-    def __init__(self, label_key: str) -> None:
-        self.wanted = {*IMAGE_EXTS, "txt", "cls" if label_key == "cls" else "json"}
+    def __init__(self, label_key: str, modalities: Sequence[Any] = ()) -> None:
+        self.wanted = {*IMAGE_EXTS, "txt", "cls" if label_key == "cls" else "json",
+                       *(member for m in modalities for member in m.members)}
 
     def __call__(self, fname: str) -> bool:
         name = fname.rsplit("/", 1)[-1]
@@ -159,8 +161,9 @@ class _Samples:
     mode draws shards with replacement forever."""
 
     def __init__(self, spec: _StreamSpec, counter: BadSampleCounter, labels: LabelReader, bufsize: int,
-                 members: _Members) -> None:
+                 members: _Members, modalities: Sequence[Any] = ()) -> None:
         self.spec, self.counter, self.labels, self.bufsize, self.members = spec, counter, labels, bufsize, members
+        self.modalities = modalities
 
     def __call__(self) -> Iterator[Dict[str, Any]]:
         p = self.spec
@@ -240,7 +243,7 @@ class _Samples:
         """Cheap checks (label, text) before any image decode; bad samples are counted and skipped."""
         for raw in src:
             try:
-                yield parse_sample(raw, self.labels)
+                yield parse_sample(raw, self.labels, self.modalities)
             except BadSample as exc:
                 self.counter.record(str(exc), f"{raw.get('__key__')} in {raw.get('__url__')}")
 
@@ -266,12 +269,13 @@ class _DecodeAugment:
 
 
 class _Collate:
-    """Batch in the worker: stack images (uint8, or normalised once per batch), tokenize all texts in one call."""
+    """Batch in the worker: stack images (uint8, or normalised once per batch), tokenize all texts in one call;
+    every other modality collates its own values (``batch[name]``, ``batch["has_<name>"]``)."""
 
     def __init__(self, tokenizer: Any, max_length: int, image_size: int, counter: BadSampleCounter,
-                 normalize: bool) -> None:
+                 normalize: bool, modalities: Sequence[Any] = ()) -> None:
         self.tokenizer, self.max_length, self.size, self.counter = tokenizer, max_length, image_size, counter
-        self.normalize = normalize
+        self.normalize, self.modalities = normalize, modalities
 
     def __call__(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         images = np.zeros((len(samples), self.size, self.size, 3), np.uint8)
@@ -288,10 +292,20 @@ class _Collate:
             "attention_mask": tok["attention_mask"].long(),
             "has_image": has_image,
             "has_text": torch.tensor([s["text"] is not None for s in samples], dtype=torch.bool),
+            **self._extra(samples),
             "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
             "keys": [s["key"] for s in samples],
             "skipped": self.counter.take(),
         }
+
+
+    def _extra(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for m in self.modalities:
+            values = [s["modalities"][m.name] for s in samples]
+            out[m.name] = m.collate(values)
+            out[f"has_{m.name}"] = torch.tensor([v is not None for v in values], dtype=torch.bool)
+        return out
 
 
 class _Limit:
@@ -323,16 +337,18 @@ def _uint8_pixels(data_cfg: Any) -> bool:
     return torch.cuda.is_available() if choice is None else bool(choice)
 
 
-def _pipeline(spec: _StreamSpec, data_cfg: Any, tokenizer: Any) -> wds.DataPipeline:
+def _pipeline(spec: _StreamSpec, data_cfg: Any, tokenizer: Any, modalities: Sequence[Any] = ()) -> wds.DataPipeline:
     train = spec.mode != "eval"
     counter = BadSampleCounter(bool(data_cfg.strict))
     labels = LabelReader(str(data_cfg.label_key), read_labels(data_cfg))
     size = int(data_cfg.image_size)
     stages = [
-        _Samples(spec, counter, labels, int(data_cfg.shuffle_buffer), _Members(str(data_cfg.label_key))),
+        _Samples(spec, counter, labels, int(data_cfg.shuffle_buffer), _Members(str(data_cfg.label_key), modalities),
+                 modalities),
         _DecodeAugment(counter, size, train, float(data_cfg.min_crop_scale)),
         wds.batched(spec.batch_size, collation_fn=_Collate(tokenizer, int(data_cfg.max_text_length), size, counter,
-                                                            normalize=not _uint8_pixels(data_cfg)),
+                                                            normalize=not _uint8_pixels(data_cfg),
+                                                            modalities=modalities),
                     partial=not train),
         _Limit(spec),
     ]
@@ -413,7 +429,7 @@ def build_train_loader(cfg: Any, tokenizer: Any, rank: int, world_size: int, epo
         raise ValueError(f"skip_batches={skip_batches} outside the epoch's {per_epoch} batches")
     spec = _StreamSpec(mine, weights, mode, int(cfg.seed), int(epoch), rank, world_size, workers, batch_size,
                        per_worker, int(skip_batches), sizes)
-    dataset = _pipeline(spec, data, tokenizer).with_length(per_epoch - skip_batches, silent=True)
+    dataset = _pipeline(spec, data, tokenizer, training_modalities(cfg)[1]).with_length(per_epoch - skip_batches, silent=True)
     loader = _data_loader(dataset, num_workers, int(data.prefetch_factor))
     return LoaderInfo(loader, per_epoch, n, len(shards), int(skip_batches),
                       None if data.resampled else list(mine),
@@ -429,11 +445,12 @@ def _shard_weights(sources: Sequence[ShardSource]) -> List[float]:
 
 
 def build_eval_loader(data_cfg: Any, split: str, tokenizer: Any, batch_size: int, num_workers: int,
-                      rank: int = 0, world_size: int = 1) -> DataLoader:
+                      rank: int = 0, world_size: int = 1, modalities: Sequence[Any] = ()) -> DataLoader:
     """The samples of ``split`` in a fixed order, no shuffle, eval transforms, partial last batches. With
     ``world_size`` > 1, rank r reads shards r, r+world, …: counts may differ between ranks, so the evaluator steps
-    ranks in lockstep and gathers predictions as objects (exact counts, see mmcat.evaluation)."""
+    ranks in lockstep and gathers predictions as objects (exact counts, see mmcat.evaluation). ``modalities``: the
+    model's non-built-in modalities (``mmcat.modalities``), read from every sample."""
     shards = all_shards(shard_sources(data_cfg, split, count_missing=False))[rank::world_size]
     workers = max(0, min(int(num_workers), len(shards)))
     spec = _StreamSpec(shards, None, "eval", 0, 0, 0, 1, max(1, workers), int(batch_size), 0)
-    return _data_loader(_pipeline(spec, data_cfg, tokenizer), workers, int(data_cfg.prefetch_factor))
+    return _data_loader(_pipeline(spec, data_cfg, tokenizer, modalities), workers, int(data_cfg.prefetch_factor))

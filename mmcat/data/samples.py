@@ -110,8 +110,9 @@ class LabelReader:
         return self.index[name]
 
 
-def parse_sample(raw: Dict[str, Any], labels: LabelReader) -> Dict[str, Any]:
-    """Check a raw sample without decoding its image; missing image or text is allowed (not both)."""
+def parse_sample(raw: Dict[str, Any], labels: LabelReader, modalities: Sequence[Any] = ()) -> Dict[str, Any]:
+    """Check a raw sample without decoding its image; any modality may be missing, not all of them.
+    ``modalities``: the non-built-in ones (``mmcat.modalities``), each read into ``["modalities"][name]``."""
     image = next((raw[e] for e in IMAGE_EXTS if raw.get(e)), None)
     text = None
     if raw.get("txt"):
@@ -119,10 +120,11 @@ def parse_sample(raw: Dict[str, Any], labels: LabelReader) -> Dict[str, Any]:
             text = raw["txt"].decode("utf-8").strip() or None  # empty text counts as missing text
         except UnicodeDecodeError:
             raise BadSample("txt member is not UTF-8") from None
-    if image is None and text is None:
-        raise BadSample("no image and no text")
+    extra = {m.name: m.read(raw) for m in modalities}
+    if image is None and text is None and all(v is None for v in extra.values()):
+        raise BadSample("no image and no text" + (f" and no {', '.join(extra)}" if extra else ""))
     return {"key": raw["__key__"], "url": raw.get("__url__", ""), "image": image, "text": text,
-            "label": labels(raw)}
+            "label": labels(raw), "modalities": extra}
 
 
 # ------------------------------------------------------------------------------------------------ image decode

@@ -1,24 +1,27 @@
 """``MultimodalClassifier``: image encoder + text encoder + one fusion head, in a single ``nn.Module``.
 
-Fusion heads (``model.fusion``):
-  concat     projected image and text features, concatenated, then an MLP (MMF's concat_bert);
+Fusion heads (``model.fusion``) over N modalities (image, text, then the plug-in modalities of
+``mmcat.modalities``, e.g. attributes), each projected to ``hidden_dim``:
+  concat     the projected features, concatenated, then an MLP (MMF's concat_bert);
   late       one classifier per modality, logits averaged over the modalities a sample has (decision level);
   gated      per-sample modality weights (softmax over the available modalities) mix the projected features;
   attention  text token states attend to the ResNet's spatial feature map (cross-attention), pooled over the
-             text mask, then an MLP over [attended text, image, text].
+             text mask, then an MLP over [attended text, image, text, other modalities' pooled features].
 
-A missing modality (``has_image`` / ``has_text`` false) is replaced by a learned "missing" embedding, so one model
-predicts from image only, text only, or both (late and gated fusion leave a missing modality out of the average /
-softmax; they fall back to the missing embeddings only for a sample with neither). In train mode, modality dropout hides one modality (chosen at random)
-of a sample that has both, with probability ``modality_dropout``. Both encoders always run on the whole batch so
-every parameter takes part in every step (DDP / DeepSpeed need no unused-parameter search).
+A missing modality (``has_<name>`` false) is replaced by a learned "missing" embedding, so one model predicts from
+any subset (late and gated fusion leave a missing modality out of the average / softmax; they fall back to the
+missing embeddings only for a sample with none). In train mode, modality dropout hides one modality (chosen at
+random among those present) of a sample that has at least two, with probability ``modality_dropout``. Every encoder
+always runs on the whole batch so every parameter takes part in every step (DDP / DeepSpeed need no
+unused-parameter search).
 
 ``forward_batch(model, batch, mode)`` is the one forward pass over a loader batch that training, evaluation and
-prediction share; ``mode`` (fused / image_only / text_only) hides a modality through the same masks.
+prediction share; ``mode`` (fused, ``<m>_only``, ``without_<m>``: :func:`mmcat.modalities.modes_for`) hides
+modalities through the same masks.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -29,14 +32,24 @@ from mmcat.models.text import masked_mean
 Mask = Union[torch.Tensor, bool]
 
 
-def mode_masks(batch: Dict[str, Any], mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(has_image, has_text) of ``batch`` with the modality that ``mode`` hides switched off."""
-    has_image, has_text = batch["has_image"], batch["has_text"]
-    if mode == "image_only":
-        has_text = torch.zeros_like(has_text)
-    elif mode == "text_only":
-        has_image = torch.zeros_like(has_image)
-    return has_image, has_text
+def batch_modalities(batch: Dict[str, Any]) -> List[str]:
+    """The modalities of a loader batch, in order: image, text, then every ``has_<name>`` the loader added."""
+    return [k[len("has_"):] for k in batch if k.startswith("has_")]
+
+
+def mode_masks(batch: Dict[str, Any], mode: str) -> Dict[str, torch.Tensor]:
+    """Presence mask per modality (``has_<name>``) of ``batch`` with what ``mode`` hides switched off: ``fused``
+    hides nothing, ``<m>_only`` all but m, ``without_<m>`` only m."""
+    masks = {name: batch[f"has_{name}"] for name in batch_modalities(batch)}
+    if mode == "fused":
+        return masks
+    if mode.endswith("_only") and mode[:-len("_only")] in masks:
+        keep = {mode[:-len("_only")]}
+    elif mode.startswith("without_") and mode[len("without_"):] in masks:
+        keep = set(masks) - {mode[len("without_"):]}
+    else:
+        raise ValueError(f"evaluation mode '{mode}' names no modality of the batch ({', '.join(masks)})")
+    return {n: m if n in keep else torch.zeros_like(m) for n, m in masks.items()}
 
 
 def forward_batch(model: nn.Module, batch: Dict[str, Any], mode: str = "fused") -> torch.Tensor:
@@ -44,8 +57,12 @@ def forward_batch(model: nn.Module, batch: Dict[str, Any], mode: str = "fused") 
     called, never unwrapped, so the wrapper's hooks (gradient sync, ZeRO-3 parameter gathering) run."""
     # pixels may be uint8 or normalised float: the image encoder normalises/casts to its weights' dtype (which is
     # bf16 under DeepSpeed bf16, where no autocast runs)
-    has_image, has_text = mode_masks(batch, mode)
-    return model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], has_image, has_text)
+    masks = mode_masks(batch, mode)
+    extra = [n for n in masks if n not in ("image", "text")]
+    args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"], masks["image"], masks["text"])
+    if not extra:
+        return model(*args)
+    return model(*args, {n: batch[n] for n in extra}, {n: masks[n] for n in extra})
 
 
 def _mlp(d_in: int, hidden: int, d_out: int, dropout: float) -> nn.Sequential:
@@ -55,7 +72,8 @@ def _mlp(d_in: int, hidden: int, d_out: int, dropout: float) -> nn.Sequential:
 
 class MultimodalClassifier(nn.Module):
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, num_labels: int, fusion: str = "gated",
-                 hidden_dim: int = 256, dropout: float = 0.1, modality_dropout: float = 0.0) -> None:
+                 hidden_dim: int = 256, dropout: float = 0.1, modality_dropout: float = 0.0,
+                 extra_encoders: Optional[Dict[str, nn.Module]] = None) -> None:
         super().__init__()
         fusion = Fusion(fusion)  # a plain string from Python callers; the config already holds a Fusion
         if not 0.0 <= modality_dropout <= 1.0:
@@ -63,24 +81,37 @@ class MultimodalClassifier(nn.Module):
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.fusion, self.modality_dropout, self.num_labels = fusion, float(modality_dropout), int(num_labels)
+        extra_encoders = dict(extra_encoders or {})
+        self.extra_names = list(extra_encoders)
+        n = 2 + len(self.extra_names)
         h = int(hidden_dim)
         self.image_proj = nn.Sequential(nn.Linear(image_encoder.out_dim, h), nn.LayerNorm(h))
         self.text_proj = nn.Sequential(nn.Linear(text_encoder.out_dim, h), nn.LayerNorm(h))
         self.missing_image = nn.Parameter(torch.randn(h) * 0.02)
         self.missing_text = nn.Parameter(torch.randn(h) * 0.02)
         if fusion == Fusion.concat:
-            self.head = _mlp(2 * h, h, num_labels, dropout)
+            self.head = _mlp(n * h, h, num_labels, dropout)
         elif fusion == Fusion.late:
             self.image_head = _mlp(h, h, num_labels, dropout)
             self.text_head = _mlp(h, h, num_labels, dropout)
         elif fusion == Fusion.gated:
-            self.gate = nn.Linear(2 * h, 2)
+            self.gate = nn.Linear(n * h, n)
             self.head = _mlp(h, h, num_labels, dropout)
         else:
             heads = 4 if h % 4 == 0 else 1
             self.cross_attention = nn.MultiheadAttention(h, heads, dropout=dropout, batch_first=True)
             self.cross_norm = nn.LayerNorm(h)
-            self.head = _mlp(3 * h, h, num_labels, dropout)
+            self.head = _mlp((n + 1) * h, h, num_labels, dropout)
+        if extra_encoders:  # created last: an image+text model draws the same initial weights as before
+            self._build_extras(extra_encoders, h, num_labels, dropout)
+
+    def _build_extras(self, encoders: Dict[str, nn.Module], h: int, num_labels: int, dropout: float) -> None:
+        self.extra_encoders = nn.ModuleDict(encoders)
+        self.extra_proj = nn.ModuleDict({k: nn.Sequential(nn.Linear(e.out_dim, h), nn.LayerNorm(h))
+                                         for k, e in encoders.items()})
+        self.missing_extra = nn.ParameterDict({k: nn.Parameter(torch.randn(h) * 0.02) for k in encoders})
+        if self.fusion == Fusion.late:
+            self.extra_heads = nn.ModuleDict({k: _mlp(h, h, num_labels, dropout) for k in encoders})
 
     # ------------------------------------------------------------------------------------------------- masks
     @staticmethod
@@ -90,55 +121,71 @@ class MultimodalClassifier(nn.Module):
             return torch.full((batch,), value, dtype=torch.bool, device=device)
         return value.to(device=device, dtype=torch.bool).reshape(batch)
 
-    def _modality_dropout(self, has_image: torch.Tensor, has_text: torch.Tensor):
+    def _modality_dropout(self, *masks: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """With probability ``modality_dropout``, hide one modality (chosen at random among those present) of a
+        sample that has at least two: a sample never loses all of its modalities."""
         if not self.training or self.modality_dropout <= 0:
-            return has_image, has_text
-        both = has_image & has_text
-        drop = both & (torch.rand(both.shape, device=both.device) < self.modality_dropout)
-        hide_image = torch.rand(both.shape, device=both.device) < 0.5
-        return has_image & ~(drop & hide_image), has_text & ~(drop & ~hide_image)
+            return masks
+        avail = torch.stack(masks, dim=1)
+        drop = (avail.sum(dim=1) >= 2) & (torch.rand(avail.shape[0], device=avail.device) < self.modality_dropout)
+        scores = torch.rand(avail.shape, device=avail.device).masked_fill(~avail, -1.0)
+        hide = torch.nn.functional.one_hot(scores.argmax(dim=1), avail.shape[1]).bool() & drop[:, None]
+        return tuple((avail & ~hide).unbind(dim=1))
 
     @staticmethod
-    def _availability(has_image: torch.Tensor, has_text: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """[B, 2] weights of (image, text); a sample with neither falls back to both missing embeddings."""
-        avail = torch.stack([has_image, has_text], dim=1)
+    def _availability(masks: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """[B, N] weights of the modalities; a sample with none falls back to all the missing embeddings."""
+        avail = torch.stack(list(masks), dim=1)
         avail = avail | ~avail.any(dim=1, keepdim=True)
         return avail.to(dtype)
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                has_image: Mask = True, has_text: Mask = True) -> torch.Tensor:
+                has_image: Mask = True, has_text: Mask = True,
+                extra_inputs: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
+                extra_present: Optional[Dict[str, Mask]] = None) -> torch.Tensor:
+        """``extra_inputs[name]``: the collated tensors of each non-built-in modality; ``extra_present[name]`` its
+        presence mask (default: present)."""
         batch, device = input_ids.shape[0], input_ids.device
-        has_image, has_text = self._modality_dropout(self._mask(has_image, batch, device),
-                                                     self._mask(has_text, batch, device))
+        if sorted(extra_inputs or {}) != sorted(self.extra_names):
+            raise ValueError(f"the model takes the modalities {self.extra_names} besides image and text, "
+                             f"got {sorted(extra_inputs or {})}")
+        present = extra_present or {}
+        masks = self._modality_dropout(self._mask(has_image, batch, device), self._mask(has_text, batch, device),
+                                       *(self._mask(present.get(k, True), batch, device) for k in self.extra_names))
         image_pooled, image_tokens = self.image_encoder(pixel_values)
         text_pooled, text_tokens = self.text_encoder(input_ids, attention_mask)
         img = self.image_proj(image_pooled)
-        txt = self.text_proj(text_pooled.to(img.dtype))
-        img = torch.where(has_image[:, None], img, self.missing_image.to(img.dtype).expand_as(img))
-        txt = torch.where(has_text[:, None], txt, self.missing_text.to(txt.dtype).expand_as(txt))
+        feats = [img, self.text_proj(text_pooled.to(img.dtype))]
+        feats += [self.extra_proj[k](self.extra_encoders[k](extra_inputs[k]).to(img.dtype)) for k in self.extra_names]
+        missing = [self.missing_image, self.missing_text, *(self.missing_extra[k] for k in self.extra_names)]
+        feats = [torch.where(m[:, None], f, e.to(f.dtype).expand_as(f)) for f, m, e in zip(feats, masks, missing)]
 
         if self.fusion == Fusion.concat:
-            return self.head(torch.cat([img, txt], dim=1))
+            return self.head(torch.cat(feats, dim=1))
         if self.fusion == Fusion.late:
-            w = self._availability(has_image, has_text, img.dtype)
-            logits = w[:, :1] * self.image_head(img) + w[:, 1:] * self.text_head(txt)
+            w = self._availability(masks, img.dtype)
+            heads = [self.image_head, self.text_head, *(self.extra_heads[k] for k in self.extra_names)]
+            logits = sum(w[:, i:i + 1] * head(f) for i, (head, f) in enumerate(zip(heads, feats)))
             return logits / w.sum(dim=1, keepdim=True)
         if self.fusion == Fusion.gated:
-            avail = self._availability(has_image, has_text, img.dtype) > 0
-            scores = self.gate(torch.cat([img, txt], dim=1)).masked_fill(~avail, float("-inf"))
+            avail = self._availability(masks, img.dtype) > 0
+            scores = self.gate(torch.cat(feats, dim=1)).masked_fill(~avail, float("-inf"))
             g = torch.softmax(scores.float(), dim=1).to(img.dtype)
-            return self.head(g[:, :1] * img + g[:, 1:] * txt)
-        return self._attention(img, txt, image_tokens, text_tokens, attention_mask, has_image, has_text)
+            return self.head(sum(g[:, i:i + 1] * f for i, f in enumerate(feats)))
+        return self._attention(feats, image_tokens, text_tokens, attention_mask, masks[0], masks[1])
 
-    def _attention(self, img, txt, image_tokens, text_tokens, attention_mask, has_image, has_text) -> torch.Tensor:
+    def _attention(self, feats, image_tokens, text_tokens, attention_mask, has_image, has_text) -> torch.Tensor:
+        """Text tokens attend to the image's spatial map; the other modalities' pooled features join the head's
+        input next to the attended text, the image and the text."""
+        img = feats[0]
         kv = self.image_proj(image_tokens.to(img.dtype))  # [B, h*w, H]
         kv = torch.where(has_image[:, None, None], kv, self.missing_image.to(kv.dtype).expand_as(kv))
         q = self.text_proj(text_tokens.to(img.dtype))  # [B, L, H]
         q = torch.where(has_text[:, None, None], q, self.missing_text.to(q.dtype).expand_as(q))
         attended, _ = self.cross_attention(q, kv, kv, need_weights=False)
         x = self.cross_norm(q + attended)
-        return self.head(torch.cat([masked_mean(x, attention_mask), img, txt], dim=1))
+        return self.head(torch.cat([masked_mean(x, attention_mask), *feats], dim=1))
 
     # ------------------------------------------------------------------------------------------- optimisation
     def param_groups(self, lr_image: float, lr_text: float, lr_head: float, weight_decay: float) -> List[Dict]:

@@ -18,7 +18,8 @@ from mmcat.config import to_container
 from mmcat.data import iterate_batches
 from mmcat.hashing import stable_seed
 from mmcat.evaluation import dummy_batch, evaluate
-from mmcat.metrics import MODES, confusion_image, format_table, summary
+from mmcat.metrics import confusion_image, format_table, summary
+from mmcat.modalities import modes_for
 from mmcat.models import forward_batch
 from mmcat.train.accel import whole_model_init
 from mmcat.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint, weights_sha256
@@ -85,7 +86,8 @@ class Trainer:
         self.loss_fn, self.labels, self.tokenizer = setup.loss_fn, setup.labels, setup.tokenizer
         self.batches_per_epoch, self.total_steps = setup.batches_per_epoch, setup.total_steps
         self.ckpt_root = self.out / "checkpoints"
-        self.dummy = dummy_batch(self.tokenizer, self.cfg.data.image_size)
+        self.dummy = dummy_batch(self.tokenizer, self.cfg.data.image_size, setup.modalities)
+        self.modes = modes_for(setup.modality_names)
         self.state = TrainerState()
         self.preempt = PreemptionFlag()
         # sums since the last optimizer step (windows carry across epoch ends, DeepSpeed's semantics):
@@ -233,12 +235,13 @@ class Trainer:
 
         acc = self.accelerator
         return build_eval_loader(self.cfg.data, split, self.tokenizer, self.cfg.train.batch_size,
-                                 self.cfg.data.num_workers, rank=acc.process_index, world_size=acc.num_processes)
+                                 self.cfg.data.num_workers, rank=acc.process_index, world_size=acc.num_processes,
+                                 modalities=self.setup.modalities)
 
     def evaluate_split(self, split: str, model: Optional[torch.nn.Module] = None) -> Optional[Dict[str, Dict]]:
         """Metrics of ``split``; None when a stop was asked for during the evaluation."""
         return evaluate(model or self.model, self._eval_batches(split), self.accelerator, self.labels, self.dummy,
-                        stop_requested=lambda: self.preempt.requested)
+                        modes=self.modes, stop_requested=lambda: self.preempt.requested)
 
     def _eval_and_export(self) -> Optional[str]:
         """Validate; export ``best/`` when val macro-F1 improves; decide early stopping."""
@@ -248,16 +251,16 @@ class Trainer:
             return STOPPED
         st.last_eval_step = st.global_step
         fused = res["fused"]
-        acc.log({f"val/{m}/{k}": res[m][k] for m in MODES for k in ("accuracy", "macro_f1", "weighted_f1")},
+        acc.log({f"val/{m}/{k}": res[m][k] for m in self.modes for k in ("accuracy", "macro_f1", "weighted_f1")},
                 step=st.global_step)
         if acc.is_main_process:
-            log.info("step %d val: %s", st.global_step, {m: round(res[m]["macro_f1"], 4) for m in MODES})
+            log.info("step %d val: %s", st.global_step, {m: round(res[m]["macro_f1"], 4) for m in self.modes})
             tb = acc.get_tracker("tensorboard", unwrap=True)
             tb.add_image("val/confusion_matrix", confusion_image(fused["confusion_matrix"]), st.global_step,
                          dataformats="HWC")
         if fused["macro_f1"] > st.best_metric:
             st.best_metric, st.best_step, st.evals_without_improvement = fused["macro_f1"], st.global_step, 0
-            self._export_best({m: summary(res[m]) for m in MODES})
+            self._export_best({m: summary(res[m]) for m in self.modes})
         else:
             st.evals_without_improvement += 1
         patience = self.cfg.train.early_stopping_patience
@@ -274,7 +277,8 @@ class Trainer:
         state_dict = acc.get_state_dict(self.model)  # ZeRO-3: gathers the full weights onto rank 0
         if acc.is_main_process:
             export_artifact(self.out / "best", state_dict, acc.unwrap_model(self.model), self.cfg, self.labels,
-                            self.tokenizer, metrics={"global_step": self.state.global_step, "val": val_metrics})
+                            self.tokenizer, metrics={"global_step": self.state.global_step, "val": val_metrics},
+                            modalities=self.setup.modalities)
             log.info("exported best/ (val macro-F1 %.4f at step %d)", self.state.best_metric, self.state.global_step)
         acc.wait_for_everyone()
 
@@ -324,7 +328,7 @@ class Trainer:
             res = self.evaluate_split(split, model=art.model)
             if res is None:
                 return STOPPED  # the final checkpoint exists: a resumed run only repeats these evaluations
-            results[split] = {m: summary(res[m]) for m in MODES}
+            results[split] = {m: summary(res[m]) for m in self.modes}
             if acc.is_main_process:
                 print(format_table(res, title=f"[{split}] best model (step {st.best_step})"), flush=True)
         results.update(global_step=st.global_step, samples_seen=st.samples_seen, best_step=st.best_step,

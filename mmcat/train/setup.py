@@ -8,7 +8,7 @@ loader of epoch 0 is built once as a probe, for the epoch length that the step s
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -22,6 +22,7 @@ from mmcat.config import to_yaml
 from mmcat.data import LoaderInfo, build_train_loader, label_counts, read_labels, train_shard_sizes
 from mmcat.data.shards import check_data
 from mmcat.files import write_atomic
+from mmcat.modalities import training_modalities
 from mmcat.models import build_model
 from mmcat.models.text import load_tokenizer
 from mmcat.train.accel import build_accelerator, describe, engine_name, whole_model_init
@@ -52,6 +53,11 @@ class TrainingSetup:
     optimizer: Any
     scheduler: Any
     loss_fn: torch.nn.Module
+    modalities: List[Any] = field(default_factory=list)  # the non-built-in ones (mmcat.modalities), e.g. attributes
+
+    @property
+    def modality_names(self) -> List[str]:
+        return ["image", "text", *(m.name for m in self.modalities)]
 
 
 def _setup_logging(is_main: bool) -> None:
@@ -73,6 +79,7 @@ def build_training(cfg: Any, build_loader: LoaderBuilder = build_train_loader) -
     0's loader), build the model, optimizer, scheduler and loss. ``build_loader`` makes an epoch's train loader
     (``build_train_loader``; a benchmark passes one that replays batches held in memory)."""
     check_data(cfg)  # bad data settings: one line before any work (splits, shards, labels)
+    cfg, modalities = _with_modalities(cfg)
     acc = build_accelerator(cfg)
     _setup_logging(acc.is_main_process)
     set_seed(cfg.seed, device_specific=False)  # same init on every rank; DDP/DeepSpeed also broadcast it
@@ -81,17 +88,26 @@ def build_training(cfg: Any, build_loader: LoaderBuilder = build_train_loader) -
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "config.yaml", to_yaml(cfg))
-    log.info("mmcat train: %s", describe(acc))
+    log.info("mmcat train: %s; modalities: %s", describe(acc), ", ".join(cfg.model.modalities))
 
     tokenizer = load_tokenizer(cfg.model.text)
     probe = build_loader(cfg, tokenizer, acc.process_index, acc.num_processes, epoch=0)
     total_steps = total_optimizer_steps(cfg, probe.batches_per_epoch)
     log.info("train: %d shards, %d samples/epoch, %d batches/epoch/rank, %d optimizer steps",
              probe.num_shards, probe.samples_per_epoch, probe.batches_per_epoch, total_steps)
-    model, optimizer, scheduler = _build_model(cfg, acc, len(labels), total_steps)
+    model, optimizer, scheduler = _build_model(cfg, acc, len(labels), total_steps, modalities)
     loss_fn = build_loss(cfg, label_counts(cfg.data, cfg.data.train_split)).to(acc.device)
     return TrainingSetup(cfg, acc, out, resume_from, labels, fingerprint, tokenizer, build_loader,
-                         probe.batches_per_epoch, total_steps, model, optimizer, scheduler, loss_fn)
+                         probe.batches_per_epoch, total_steps, model, optimizer, scheduler, loss_fn, modalities)
+
+
+def _with_modalities(cfg: Any) -> Tuple[Any, List[Any]]:
+    """The config with ``model.modalities`` resolved (null -> what the data has; written to config.yaml and
+    best/config.yaml, so a resumed run and the artifact build the same model) and the non-built-in modalities."""
+    names, modalities = training_modalities(cfg)
+    cfg = OmegaConf.merge(cfg, {"model": {"modalities": names}})
+    OmegaConf.set_readonly(cfg, True)
+    return cfg, modalities
 
 
 def _resume_decision(cfg: Any, acc: Accelerator, out: Path) -> Tuple[Optional[Path], List[str], Dict[str, Any]]:
@@ -105,10 +121,11 @@ def _resume_decision(cfg: Any, acc: Accelerator, out: Path) -> Tuple[Optional[Pa
     return resume_from, labels, fingerprint
 
 
-def _build_model(cfg: Any, acc: Accelerator, num_labels: int, total_steps: int) -> Tuple[Any, Any, Any]:
+def _build_model(cfg: Any, acc: Accelerator, num_labels: int, total_steps: int,
+                 modalities: List[Any]) -> Tuple[Any, Any, Any]:
     """Model, optimizer and scheduler, wrapped by ``accelerator.prepare`` (DDP or a DeepSpeed engine)."""
     with whole_model_init(acc):
-        model = build_model(_model_config(cfg, acc), num_labels=num_labels)
+        model = build_model(_model_config(cfg, acc), num_labels=num_labels, modalities=modalities)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     return acc.prepare(model, optimizer, scheduler)
