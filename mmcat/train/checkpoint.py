@@ -57,6 +57,7 @@ def run_fingerprint(cfg: Any, world_size: int, engine: str, labels: Sequence[str
         "data.resampled": bool(cfg.data.resampled), "data.samples_per_epoch": cfg.data.samples_per_epoch,
         "model.image.name": str(m.image.name), "model.text.name": str(m.text.name),
         "model.text.pooling": str(m.text.pooling), "model.fusion": str(m.fusion), "model.hidden_dim": int(m.hidden_dim),
+        "model.modalities": [str(x) for x in (m.get("modalities") or [])],
         "labels": list(labels), "train_shards": dict(sorted(train_shards.items())),
     }
 
