@@ -209,3 +209,25 @@ def test_three_modalities_on_two_processes_use_every_parameter(launcher, attr_da
     m = metrics(tmp_path / "run")
     assert m["world_size"] == 2 and list(m["test"]) == modes_for(["image", "text", "attributes"])
     assert m["test"]["fused"]["num_samples"] == 60
+
+
+def test_synth_pack_train_eval_with_attribute_columns(tiny_text, tmp_path):
+    """The real pipeline: `mmcat synth` (brand informative for half the products, colour for 40 %) → `mmcat pack
+    --attribute-columns` → `mmcat train` (modalities from the data) → `mmcat eval`."""
+    raw, packed = tmp_path / "raw", tmp_path / "packed"
+    run(mmcat_cmd("synth", "--out", str(raw), "--num-products", "240", "--num-classes", "4", "--min-side", "64",
+                  "--max-side", "96", "--seed", "5"))
+    run(mmcat_cmd("pack", str(raw / "products.csv"), "--out", str(packed), "--image-size", "40",
+                  "--max-samples-per-shard", "32", "--splits", "train=0.6,val=0.2,test=0.2",
+                  "--attribute-columns", "brand,colour,price", "--attribute-min-count", "3"))
+    kinds = {c["name"]: c["kind"] for c in json.loads((packed / "attributes.json").read_text())["columns"]}
+    assert kinds == {"brand": "categorical", "colour": "categorical", "price": "numeric"}
+    run_dir = _train(tmp_path, tiny_text, packed, "synth")  # model.modalities=null: what the data has
+    test = metrics(run_dir)["test"]
+    assert list(test) == modes_for(["image", "text", "attributes"])
+    assert test["attributes_only"]["accuracy"] > 0.4, test["attributes_only"]  # chance is 0.25
+    out = tmp_path / "eval.json"
+    run(mmcat_cmd("eval", "--model", str(run_dir / "best"), "--data", str(packed), "--split", "test", "--out",
+                  str(out)))
+    assert json.loads(out.read_text())["attributes_only"]["accuracy"] == pytest.approx(
+        test["attributes_only"]["accuracy"])
