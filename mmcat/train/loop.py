@@ -91,8 +91,9 @@ class Trainer:
         self.state = TrainerState()
         self.preempt = PreemptionFlag()
         # sums since the last optimizer step (windows carry across epoch ends, DeepSpeed's semantics):
-        # samples, skipped samples, micro-batches, loss
-        self._window = torch.zeros(4, dtype=torch.float64)
+        # samples, skipped samples, micro-batches (on the host), and the loss (on the device)
+        self._window = torch.zeros(3, dtype=torch.float64)
+        self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._steps_this_run = 0
         self._saved_step = -1
 
@@ -183,16 +184,18 @@ class Trainer:
             st.epoch, st.batch_in_epoch = st.epoch + 1, 0
             st.eval_pending |= t.eval_every == 0
             st.save_pending |= t.save_every == 0
-        self._window += torch.tensor([batch["labels"].shape[0], int(batch.get("skipped", 0)), 1, loss.item()],
-                                     dtype=torch.float64)
+        self._window += torch.tensor([batch["labels"].shape[0], int(batch.get("skipped", 0)), 1], dtype=torch.float64)
+        self._loss_sum = self._loss_sum + loss.detach().double()  # stays on the device: no sync per micro-batch
 
     def _reduce_window(self) -> Tuple[float, float]:
         """One small collective per optimizer step: exact global counts, the window's mean loss over all ranks, and
         whether any rank was asked to stop (all ranks stop together). Returns (mean loss, stop votes)."""
         acc, st = self.accelerator, self.state
-        local = torch.cat([self._window, torch.tensor([float(self.preempt.requested)], dtype=torch.float64)])
-        samples, skipped, micro, loss_sum, stop_votes = acc.reduce(local.to(acc.device), "sum").tolist()
+        local = torch.cat([self._window.to(acc.device), self._loss_sum.reshape(1).to(acc.device),
+                           torch.tensor([float(self.preempt.requested)], dtype=torch.float64, device=acc.device)])
+        samples, skipped, micro, loss_sum, stop_votes = acc.reduce(local, "sum").tolist()
         self._window.zero_()
+        self._loss_sum = torch.zeros((), dtype=torch.float64)
         st.samples_seen += int(samples)
         st.skipped_samples += int(skipped)
         return loss_sum / max(micro, 1), stop_votes
