@@ -78,7 +78,8 @@ def export_artifact(out_dir: Path, state_dict: Dict[str, torch.Tensor], model: t
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
     (tmp / "config.yaml").write_text(to_yaml(artifact_config(cfg)))
     (tmp / "labels.json").write_text(json.dumps(list(labels), ensure_ascii=False, indent=1))
-    _hf_text_model(model).config.save_pretrained(tmp / "text_encoder")
+    if getattr(model, "text_encoder", None) is not None:  # an image-only model has none
+        _hf_text_model(model).config.save_pretrained(tmp / "text_encoder")
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
     for m in modalities:
         for name, src in m.paths.items():
@@ -103,7 +104,7 @@ class Artifact:
         """Its evaluation modes (fused, <m>_only, without_<m>)."""
         from mmcat.modalities import modes_for
 
-        return modes_for(["image", "text", *(m.name for m in self.modalities)])
+        return modes_for(list(self.model.names))
 
     def data_config(self, root: str, **overrides: Any) -> Any:
         """A read-only ``DataConfig`` that reads ``root`` the way the model was trained to see it (for loaders,

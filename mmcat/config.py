@@ -66,6 +66,11 @@ class Fusion(Choice):
     attention = "attention"
 
 
+class DropoutTarget(Choice):  # which modality modality dropout hides (mmcat.models.balance)
+    uniform = "uniform"  # any present one, by model.modality_dropout_weights odds (default: equal)
+    stronger = "stronger"  # in proportion to each modality's running aux-head accuracy: the stronger is hidden more
+
+
 class Precision(Choice):
     no = "no"
     bf16 = "bf16"
@@ -171,7 +176,17 @@ class ModelConfig:
     hidden_dim: int = 256
     dropout: float = 0.1
     modality_dropout: float = 0.25  # probability of hiding one modality of a training sample
-    # image, text and any registered modality (attributes, plug-ins); null = what the packed data has
+    # remedies for modality competition (mmcat.models.balance; README "Both halves learn"):
+    # weight of each modality's auxiliary classifier loss next to the fused loss (0 = no auxiliary heads) ...
+    aux_loss_weight: float = 0.5
+    aux_loss_weights: Dict[str, float] = field(default_factory=dict)  # ... and per-modality overrides {image: 1.0}
+    modality_dropout_final: Optional[float] = None  # linear schedule: modality_dropout at step 0 -> this at the end
+    modality_dropout_target: DropoutTarget = DropoutTarget.uniform
+    modality_dropout_weights: Dict[str, float] = field(default_factory=dict)  # odds of being hidden {text: 3}
+    ogm_alpha: float = 0.0  # OGM-GE gradient modulation of the dominant modality (0 = off; the paper uses 0.1-0.8)
+    ogm_noise: bool = True  # OGM-GE's Gaussian noise on the modulated gradient
+    # image, text and any registered modality (attributes, plug-ins): any non-empty subset ([image] trains an
+    # image-only model with the same pipeline); null = what the packed data has
     modalities: Optional[List[str]] = None
     plugins: List[str] = field(default_factory=list)  # modules imported by name that register modalities
 
@@ -296,6 +311,9 @@ RANGES: Dict[str, Tuple[Optional[float], Optional[float], str]] = {
     "model.hidden_dim": (1, None, "[]"),
     "model.dropout": (0, 1, "[)"),
     "model.modality_dropout": (0, 1, "[]"),
+    "model.modality_dropout_final": (0, 1, "[]"),
+    "model.aux_loss_weight": (0, None, "[]"),
+    "model.ogm_alpha": (0, None, "[]"),
     "train.batch_size": (1, None, "[]"),
     "train.grad_accum": (1, None, "[]"),
     "train.epochs": (1, None, "[]"),

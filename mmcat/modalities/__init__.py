@@ -37,7 +37,7 @@ from torch import nn
 
 from mmcat.errors import ConfigError, DataError
 
-BUILTIN = ("image", "text")  # built into the loader and the model, always present
+BUILTIN = ("image", "text")  # built into the loader and the model
 REGISTRY: Dict[str, Type["Modality"]] = {}
 FileFinder = Callable[[str], Optional[Path]]
 
@@ -98,21 +98,42 @@ def _builtin_modules() -> None:
 
 def resolve_names(model_cfg: Any, find_file: FileFinder) -> List[str]:
     """``model.modalities`` checked, or (null) the modalities the data has: image, text, then every registered
-    modality whose files are there."""
+    modality whose files are there. Any non-empty subset is a model (``[image]``: an image-only baseline); the
+    result is in the canonical order image, text, then the others as listed."""
     _builtin_modules()
     import_plugins(list(model_cfg.get("plugins") or []))
     names = model_cfg.get("modalities")
     if names is None:
-        return [*BUILTIN, *(n for n, cls in REGISTRY.items() if cls.present(find_file))]
+        names = [*BUILTIN, *(n for n, cls in REGISTRY.items() if cls.present(find_file))]
     names = [str(n) for n in names]
     for n in names:
         if n not in BUILTIN and n not in REGISTRY:
             raise ConfigError(f"model.modalities: unknown modality '{n}' (known: {', '.join([*BUILTIN, *REGISTRY])}; "
                               f"a plug-in registers more through model.plugins=[module])")
-    if len(set(names)) != len(names) or not all(b in names for b in BUILTIN):
-        raise ConfigError(f"model.modalities must list image and text (built into the model) once each, then any "
-                          f"others; got {names}")
-    return [*BUILTIN, *(n for n in names if n not in BUILTIN)]
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"model.modalities must list one or more modalities, each once; got {names}")
+    names = [*(b for b in BUILTIN if b in names), *(n for n in names if n not in BUILTIN)]
+    check_balance_settings(model_cfg, names)
+    return names
+
+
+def check_balance_settings(model_cfg: Any, names: List[str]) -> None:
+    """The per-modality settings name modalities of the model, with sensible values (one line each)."""
+    if str(model_cfg.get("fusion")) == "attention" and not all(b in names for b in BUILTIN):
+        raise ConfigError(f"model.fusion=attention needs image and text (text attends to the image); the model has "
+                          f"{', '.join(names)}: use gated, concat or late")
+    for key, low in (("aux_loss_weights", 0.0), ("modality_dropout_weights", None)):
+        for n, w in dict(model_cfg.get(key) or {}).items():
+            if n not in names:
+                raise ConfigError(f"config key 'model.{key}': '{n}' is not a modality of the model ({', '.join(names)})")
+            if (low is None and not float(w) > 0) or (low is not None and float(w) < low):
+                raise ConfigError(f"config key 'model.{key}.{n}': must be {'> 0' if low is None else '>= 0'}, got {w}")
+    needs_aux = str(model_cfg.get("modality_dropout_target")) == "stronger" or float(model_cfg.get("ogm_alpha") or 0) > 0
+    weights = dict(model_cfg.get("aux_loss_weights") or {})
+    no_head = [n for n in names if float(weights.get(n, model_cfg.get("aux_loss_weight") or 0)) <= 0]
+    if needs_aux and len(names) > 1 and no_head:
+        raise ConfigError(f"model.modality_dropout_target=stronger and model.ogm_alpha measure each modality by its "
+                          f"auxiliary head; {', '.join(no_head)} has none (aux loss weight 0)")
 
 
 def load_modalities(names: Sequence[str], find_file: FileFinder, where: str) -> List[Modality]:

@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -42,6 +42,10 @@ class TrainerState:
     eval_pending: bool = False  # an evaluation is due at this step (it was interrupted, or waits for the window)
     save_pending: bool = False  # a checkpoint is due at the next optimizer step (epoch end inside a window)
     stopped_early: bool = False
+    # val macro-F1 per evaluation of fused and each <m>_only mode (mmcat.train.competition), and the modalities
+    # already warned about
+    ablation_history: Dict[str, List[float]] = field(default_factory=dict)
+    competition_warned: List[str] = field(default_factory=list)
 
 
 def run_fingerprint(cfg: Any, world_size: int, engine: str, labels: Sequence[str],
@@ -58,8 +62,18 @@ def run_fingerprint(cfg: Any, world_size: int, engine: str, labels: Sequence[str
         "model.image.name": str(m.image.name), "model.text.name": str(m.text.name),
         "model.text.pooling": str(m.text.pooling), "model.fusion": str(m.fusion), "model.hidden_dim": int(m.hidden_dim),
         "model.modalities": [str(x) for x in (m.get("modalities") or [])],
+        "model.aux_heads": _aux_heads(m),
         "labels": list(labels), "train_shards": dict(sorted(train_shards.items())),
     }
+
+
+def _aux_heads(m: Any) -> List[str]:
+    """The modalities with an auxiliary head (weight > 0): they are part of the saved model."""
+    names = [str(x) for x in (m.get("modalities") or [])]
+    if len(names) < 2:
+        return []
+    weights = dict(m.get("aux_loss_weights") or {})
+    return [n for n in names if float(weights.get(n, m.get("aux_loss_weight") or 0)) > 0]
 
 
 def check_fingerprint(saved: Optional[Dict[str, Any]], current: Dict[str, Any], where: Path) -> None:

@@ -21,6 +21,8 @@ from mmcat.evaluation import dummy_batch, evaluate
 from mmcat.metrics import confusion_image, format_table, summary
 from mmcat.modalities import modes_for
 from mmcat.models import forward_batch
+from mmcat.models.balance import aux_loss
+from mmcat.train import competition
 from mmcat.train.accel import whole_model_init
 from mmcat.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint, weights_sha256
 from mmcat.train.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
@@ -89,6 +91,7 @@ class Trainer:
         self.dummy = dummy_batch(self.tokenizer, self.cfg.data.image_size, setup.modalities)
         self.modes = modes_for(setup.modality_names)
         self.state = TrainerState()
+        self.core = self.accelerator.unwrap_model(self.model)  # the MultimodalClassifier inside DDP / DeepSpeed
         self.preempt = PreemptionFlag()
         # sums since the last optimizer step (windows carry across epoch ends, DeepSpeed's semantics):
         # samples, skipped samples, micro-batches (on the host), and the loss (on the device)
@@ -152,9 +155,9 @@ class Trainer:
         batch = send_to_device(batch, acc.device, non_blocking=True)
         seed_step_rng(self.cfg.seed, acc.process_index, st.epoch, st.batch_in_epoch)
         grad_norm = None
+        self.core.training_progress = st.global_step / max(self.total_steps, 1)  # modality-dropout schedule
         with acc.accumulate(self.model):
-            logits = forward_batch(self.model, batch, "fused")
-            loss = self.loss_fn(logits.float(), batch["labels"])
+            loss = self._loss(batch)
             acc.backward(loss)
             if acc.sync_gradients:  # DeepSpeed clips itself and only reports the norm
                 grad_norm = acc.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm or float("inf"))
@@ -173,6 +176,15 @@ class Trainer:
         if stop_votes > 0 or budget_spent:
             return STOPPED  # pending evaluation/checkpoint flags travel in the checkpoint
         return self._at_boundary(done)
+
+    def _loss(self, batch: Dict[str, Any]) -> torch.Tensor:
+        """The fused loss plus each auxiliary head's weighted loss (mmcat.models.balance)."""
+        logits, aux = forward_batch(self.model, batch, "fused", with_aux=True)
+        loss = self.loss_fn(logits.float(), batch["labels"])
+        if aux:
+            loss = loss + aux_loss({k: v[0] for k, v in aux.items()}, {k: v[1] for k, v in aux.items()},
+                                   batch["labels"], self.core.aux_weights, self.loss_fn)
+        return loss
 
     def _count_micro_batch(self, batch: Dict[str, Any], loss: torch.Tensor) -> None:
         """Advance the position in the epoch and add the micro-batch to the window's sums."""
@@ -261,6 +273,7 @@ class Trainer:
             tb = acc.get_tracker("tensorboard", unwrap=True)
             tb.add_image("val/confusion_matrix", confusion_image(fused["confusion_matrix"]), st.global_step,
                          dataformats="HWC")
+        self._check_competition(res)
         if fused["macro_f1"] > st.best_metric:
             st.best_metric, st.best_step, st.evals_without_improvement = fused["macro_f1"], st.global_step, 0
             self._export_best({m: summary(res[m]) for m in self.modes})
@@ -272,6 +285,21 @@ class Trainer:
                      st.global_step, patience, st.best_metric, st.best_step)
             st.stopped_early = True
         return None
+
+    def _check_competition(self, res: Dict[str, Dict]) -> None:
+        """Warn (log + TensorBoard text, once per modality) when a modality's ablation stays near chance while the
+        fused model improves: the sign that another modality took all the gradient."""
+        st = self.state
+        competition.record(st.ablation_history, res, self.modes)
+        for name in competition.starved(st.ablation_history, len(self.labels)):
+            if name in st.competition_warned:
+                continue
+            st.competition_warned.append(name)
+            if self.accelerator.is_main_process:
+                msg = competition.message(name, st.ablation_history, len(self.labels))
+                log.warning(msg)
+                tb = self.accelerator.get_tracker("tensorboard", unwrap=True)
+                tb.add_text("warnings/modality_competition", msg, st.global_step)
 
     def _export_best(self, val_metrics: Dict) -> None:
         from mmcat.artifact import export_artifact
@@ -327,15 +355,19 @@ class Trainer:
         with whole_model_init(acc):
             art = load_artifact(self.out / "best", device=acc.device)
         results: Dict[str, Any] = {}
+        gaps: Dict[str, Dict[str, float]] = {}  # fused minus <m>_only macro-F1, per split
         for split in filter(None, (self.cfg.data.val_split, self.cfg.data.test_split)):  # test_split may be null
             res = self.evaluate_split(split, model=art.model)
             if res is None:
                 return STOPPED  # the final checkpoint exists: a resumed run only repeats these evaluations
             results[split] = {m: summary(res[m]) for m in self.modes}
+            gaps[split] = competition.ablation_gaps(res)
             if acc.is_main_process:
                 print(format_table(res, title=f"[{split}] best model (step {st.best_step})"), flush=True)
         results.update(global_step=st.global_step, samples_seen=st.samples_seen, best_step=st.best_step,
                        skipped_samples=st.skipped_samples, world_size=acc.num_processes,
+                       modalities=list(self.setup.modality_names), ablation_gap=gaps,
+                       weak_modalities=list(st.competition_warned),
                        final_weights_sha256=weights_sha256(acc.get_state_dict(self.model)))
         if acc.is_main_process:
             write_atomic(self.out / "metrics.json", json.dumps(results, indent=2))

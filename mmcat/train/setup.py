@@ -57,7 +57,7 @@ class TrainingSetup:
 
     @property
     def modality_names(self) -> List[str]:
-        return ["image", "text", *(m.name for m in self.modalities)]
+        return [str(n) for n in self.cfg.model.modalities]  # resolved: image, text, then the others
 
 
 def _setup_logging(is_main: bool) -> None:

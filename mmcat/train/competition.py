@@ -1,0 +1,54 @@
+"""The warning users see when one modality learned nothing: modality competition, detected from the ablations.
+
+After each validation the trainer records every ``<m>_only`` macro-F1. A modality whose ablation stays near
+chance (below ``NEAR_CHANCE`` x 1/C) for ``WARN_AFTER_EVALS`` evaluations in a row while the fused model improved
+over them is named in a log warning and a TensorBoard text, once per run, with the remedies; ``metrics.json`` gets
+the ablation gap (fused minus ``<m>_only`` macro-F1) per split and the list of modalities warned about.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+NEAR_CHANCE = 1.5  # x chance macro-F1 (1 / number of classes)
+WARN_AFTER_EVALS = 3
+
+REMEDIES = ("raise model.aux_loss_weight (or model.aux_loss_weights.{m}), raise model.modality_dropout or set "
+            "model.modality_dropout_target=stronger, try model.ogm_alpha=0.5, or train a {m}-only model "
+            "(model.modalities=[{m}]) to see whether the data carries {m} signal at all")
+
+
+def record(history: Dict[str, List[float]], results: Dict[str, Dict], modes: Sequence[str]) -> None:
+    """Append this evaluation's fused and ``<m>_only`` macro-F1 to ``history`` (kept in the trainer state, so the
+    check survives a resume)."""
+    for mode in modes:
+        if mode == "fused" or mode.endswith("_only"):
+            history.setdefault(mode, []).append(round(float(results[mode]["macro_f1"]), 6))
+
+
+def starved(history: Dict[str, List[float]], num_labels: int) -> List[str]:
+    """Modalities whose ablation stayed near chance over the last ``WARN_AFTER_EVALS`` evaluations while the
+    fused macro-F1 rose over the same evaluations."""
+    fused = history.get("fused", [])
+    if len(fused) < WARN_AFTER_EVALS or fused[-1] <= fused[-WARN_AFTER_EVALS]:
+        return []
+    limit = NEAR_CHANCE / max(num_labels, 1)
+    out = []
+    for mode, values in history.items():
+        if mode.endswith("_only") and len(values) >= WARN_AFTER_EVALS and max(values[-WARN_AFTER_EVALS:]) < limit:
+            out.append(mode[:-len("_only")])
+    return out
+
+
+def message(name: str, history: Dict[str, List[float]], num_labels: int) -> str:
+    recent = ", ".join(f"{v:.3f}" for v in history[f"{name}_only"][-WARN_AFTER_EVALS:])
+    fused = ", ".join(f"{v:.3f}" for v in history["fused"][-WARN_AFTER_EVALS:])
+    return (f"modality competition: the '{name}' half learns nothing inside the fused model ({name}-only val "
+            f"macro-F1 {recent}; chance {1 / max(num_labels, 1):.3f}) while the fused model improves ({fused}). "
+            f"Remedies: " + REMEDIES.format(m=name))
+
+
+def ablation_gaps(results: Dict[str, Dict]) -> Dict[str, float]:
+    """Fused macro-F1 minus each ``<m>_only`` macro-F1 (a summary per mode)."""
+    fused = float(results["fused"]["macro_f1"])
+    return {mode[:-len("_only")]: round(fused - float(r["macro_f1"]), 6)
+            for mode, r in results.items() if mode.endswith("_only")}
