@@ -66,6 +66,11 @@ class Fusion(Choice):
     attention = "attention"
 
 
+class Generator(Choice):  # mmcat synth's photo/text generator
+    shapes = "shapes"  # mmcat/synth.py: one shape, colour and texture per category (the recipes are tuned on it)
+    market = "market"  # mmcat/synth_market.py: a second, unlike one, only for validating recipes
+
+
 class Precision(Choice):
     no = "no"
     bf16 = "bf16"
@@ -83,7 +88,8 @@ class SynthConfig:
     max_side: int = 800
     bad_rows: bool = False
     format: TableFormat = TableFormat.csv
-    attributes: bool = True  # brand, colour, price columns (false: the table has only the five base columns)
+    attributes: bool = True  # attribute columns (false: the table has only the five base columns)
+    generator: Generator = Generator.shapes  # market: brand-new vocabulary and photos, for validating recipes
 
 
 @dataclass
