@@ -1,4 +1,6 @@
 """``mmcat synth``: the embedded default dataset -- synthetic products with photos, titles and descriptions.
+This is ``--generator shapes`` (the default, the one the recipes are tuned on); ``--generator market`` is
+mmcat/synth_market.py, a second generator unlike this one, only for validating recipes.
 
 Layout written to ``OUT``: ``products.csv`` (or ``.jsonl`` / ``.parquet``) with columns
 ``id, image, title, description, category[, brand, colour, price]``; ``images/<id>.jpg``; ``labels.txt`` (the categories, one per line);

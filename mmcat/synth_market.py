@@ -77,8 +77,8 @@ CATEGORIES: List[Tuple[str, List[str], str]] = [
 SHARED_KEYWORDS = [["mixing bowl", "measuring spoon"], ["folding stool", "jute twine"], ["scissors", "washi tape"],
                    ["auto feeder", "grooming comb"], ["toilet brush", "drain unblocker"], ["sweatband", "cadence sensor"]]
 PAIR_FEATURES = [["food-safe finish", "easy to rinse", "oven-proof to 220 C"],
-                 ["weatherproof", "packs flat", "outdoor use"],
-                 ["acid-free", "smudge-proof", "for desk and hobby"],
+                 ["weatherproof", "folds flat", "outdoor use"],
+                 ["acid-free", "smudge-proof", "for office and hobby"],
                  ["animal-safe", "easy to refill", "for daily care"],
                  ["mould-resistant", "wall-mountable", "quick-drying"],
                  ["sweat-proof", "for training sessions", "adjustable fit"]]
@@ -157,7 +157,7 @@ def _blend(img: np.ndarray, mask: np.ndarray, bgr: np.ndarray, rng: np.random.Ge
     """Paint ``bgr`` where ``mask`` is set (anti-aliased edges), with a little lighting falloff across the canvas."""
     h, w = mask.shape
     along_x = bool(rng.random() < 0.5)
-    light = np.linspace(rng.uniform(0.8, 1.0), rng.uniform(0.8, 1.0), w if along_x else h, dtype=np.float32)
+    light = np.linspace(rng.uniform(0.85, 1.0), rng.uniform(0.85, 1.0), w if along_x else h, dtype=np.float32)
     x, y, bw, bh = cv2.boundingRect(mask)  # only the painted box: most of the canvas is untouched
     if bw == 0 or bh == 0:
         return
@@ -199,12 +199,13 @@ def _clutter(img: np.ndarray, n: int, rng: np.random.Generator) -> None:
 
 
 def _camera(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Gaussian blur, a motion blur at a random angle, or none."""
-    kind = rng.integers(0, 3)
+    """Gaussian blur, a motion blur at a random angle, or none; sized relative to the photo (the same look at any
+    size)."""
+    kind, side = rng.integers(0, 3), min(img.shape[:2])
     if kind == 1:
-        return cv2.GaussianBlur(img, (0, 0), rng.uniform(0.4, 1.4))
+        return cv2.GaussianBlur(img, (0, 0), side * rng.uniform(0.002, 0.009))
     if kind == 2:
-        n = int(rng.integers(3, 8))
+        n = max(2, int(round(side * rng.uniform(0.015, 0.045))))
         kernel = np.zeros((n, n), np.float32)
         cv2.line(kernel, (0, n // 2), (n - 1, n // 2), 1.0)
         rot = cv2.getRotationMatrix2D(((n - 1) / 2, (n - 1) / 2), rng.uniform(0, 180), 1.0)
