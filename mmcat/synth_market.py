@@ -238,8 +238,9 @@ def draw_market_image(rng: np.random.Generator, category: int, w: int, h: int,
             tape = np.zeros_like(mask)
             _paint(tape, [("seg", -0.9, 0, 0.9, 0, 0.22)], cx, cy, r, rng.uniform(0, 2 * np.pi))
             _blend(img, mask, bgr, rng)
-            mask, bgr = cv2.bitwise_and(tape, mask), bgr * 0.6
-        _blend(img, mask, bgr, rng)
+            _blend(img, cv2.bitwise_and(tape, mask), bgr * 0.6, rng)
+        else:
+            _blend(img, mask, bgr, rng)
         drawn = {"object_hue": hue, "object_bgr": [int(v) for v in bgr]}
     img = _camera(np.clip(img, 0, 255).astype(np.uint8), rng)
     if (dw, dh) != (w, h):
