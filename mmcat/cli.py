@@ -20,7 +20,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from mmcat.config import SynthConfig, load_config
     from mmcat.synth import synthesize
 
-    cfg = load_config(SynthConfig, None, [f"out={args.out}"] + _flag_overrides(args, ("num_products", "num_classes", "seed", "min_side", "max_side", "format")) + (["bad_rows=true"] if args.bad_rows else [])
+    cfg = load_config(SynthConfig, None, [f"out={args.out}"] + _flag_overrides(args, ("num_products", "num_classes", "seed", "min_side", "max_side", "format", "generator")) + (["bad_rows=true"] if args.bad_rows else [])
                       + (["attributes=false"] if args.no_attributes else []))
     synthesize(cfg)
     return 0
@@ -114,7 +114,10 @@ def _add_synth_parser(sub) -> None:
     p.add_argument("--format", choices=[f.value for f in TableFormat])
     p.add_argument("--bad-rows", dest="bad_rows", action="store_true", help="plant bad inputs (for failure handling)")
     p.add_argument("--no-attributes", dest="no_attributes", action="store_true",
-                   help="leave out the brand, colour and price columns")
+                   help="leave out the attribute columns (shapes: brand, colour, price; market: material, weight_g)")
+    # no argparse choices: a bad value then gets the config's one-line message (exit 2) instead of usage + error
+    p.add_argument("--generator", help="shapes (default; the recipes are tuned on it) or market (a second, unlike "
+                   "generator, only for validating recipes)")
     p.set_defaults(func=_cmd_synth)
 
 

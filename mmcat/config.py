@@ -71,6 +71,11 @@ class DropoutTarget(Choice):  # which modality modality dropout hides (mmcat.mod
     stronger = "stronger"  # in proportion to each modality's running aux-head accuracy: the stronger is hidden more
 
 
+class Generator(Choice):  # mmcat synth's photo/text generator
+    shapes = "shapes"  # mmcat/synth.py: one shape, colour and texture per category (the recipes are tuned on it)
+    market = "market"  # mmcat/synth_market.py: a second, unlike one, only for validating recipes
+
+
 class Precision(Choice):
     no = "no"
     bf16 = "bf16"
@@ -88,7 +93,8 @@ class SynthConfig:
     max_side: int = 800
     bad_rows: bool = False
     format: TableFormat = TableFormat.csv
-    attributes: bool = True  # brand, colour, price columns (false: the table has only the five base columns)
+    attributes: bool = True  # attribute columns (false: the table has only the five base columns)
+    generator: Generator = Generator.shapes  # market: brand-new vocabulary and photos, for validating recipes
 
 
 @dataclass

@@ -1,4 +1,6 @@
 """``mmcat synth``: the embedded default dataset -- synthetic products with photos, titles and descriptions.
+This is ``--generator shapes`` (the default, the one the recipes are tuned on); ``--generator market`` is
+mmcat/synth_market.py, a second generator unlike this one, only for validating recipes.
 
 Layout written to ``OUT``: ``products.csv`` (or ``.jsonl`` / ``.parquet``) with columns
 ``id, image, title, description, category[, brand, colour, price]``; ``images/<id>.jpg``; ``labels.txt`` (the categories, one per line);
@@ -376,14 +378,34 @@ def _table_bytes(rows: List[Dict[str, object]], fmt: str, cols: List[str]) -> by
     return sink.getvalue().to_pybytes()
 
 
-def synthesize(cfg) -> Path:
-    """Write the synthetic raw dataset described in the module docstring; returns the table path."""
-    if not 2 <= cfg.num_classes <= len(CATEGORIES):
-        raise ConfigError(f"config key 'num_classes': {cfg.num_classes} is not within 2..{len(CATEGORIES)}")
+def check_sizes(cfg, max_classes: int) -> None:
+    """The size settings every generator shares (one-line ConfigError)."""
+    if not 2 <= cfg.num_classes <= max_classes:
+        raise ConfigError(f"config key 'num_classes': {cfg.num_classes} is not within 2..{max_classes}")
     if cfg.num_products < cfg.num_classes:
         raise ConfigError(f"config key 'num_products': {cfg.num_products} is below num_classes ({cfg.num_classes})")
     if not 16 <= cfg.min_side <= cfg.max_side:
         raise ConfigError(f"config key 'min_side': need 16 <= min_side ({cfg.min_side}) <= max_side ({cfg.max_side})")
+
+
+def write_dataset(out: Path, fmt: str, rows: List[Dict[str, object]], cols: List[str], labels: List[str],
+                  meta: dict) -> Path:
+    """The raw layout every generator writes (besides images/): the table, labels.txt and synth.json."""
+    table = out / f"products.{fmt}"
+    write_atomic(table, _table_bytes(rows, fmt, cols))
+    write_atomic(out / "labels.txt", "".join(f"{label}\n" for label in labels))
+    write_atomic(out / "synth.json", json.dumps(meta, indent=1))
+    return table
+
+
+def synthesize(cfg) -> Path:
+    """Write the synthetic raw dataset described in the module docstring (``generator=market``: the one in
+    mmcat/synth_market.py); returns the table path."""
+    if cfg.generator == "market":
+        from mmcat.synth_market import synthesize_market
+
+        return synthesize_market(cfg)
+    check_sizes(cfg, len(CATEGORIES))
     out = Path(cfg.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     labels = [c[0] for c in CATEGORIES[: cfg.num_classes]]
@@ -406,14 +428,12 @@ def synthesize(cfg) -> Path:
     planted = _plant_bad_rows(out, rows, labels, np.random.default_rng([cfg.seed, 10**9])) if cfg.bad_rows else []
     if cfg.attributes:
         _add_attributes(rows, truth, labels, cfg.seed)
-    table = out / f"products.{cfg.format}"
-    write_atomic(table, _table_bytes(rows, cfg.format, BASE_COLUMNS + (ATTRIBUTE_COLUMNS if cfg.attributes else [])))
-    write_atomic(out / "labels.txt", "".join(f"{label}\n" for label in labels))
     meta = {"seed": cfg.seed, "num_products": cfg.num_products, "labels": labels,
             "rates": {"image_informative": IMAGE_INFORMATIVE_P, "text_informative": TEXT_INFORMATIVE_P,
                       "description_empty": DESCRIPTION_EMPTY_P, **(_ATTRIBUTE_RATES if cfg.attributes else {})},
             "products": truth}
-    write_atomic(out / "synth.json", json.dumps(meta, indent=1))
+    table = write_dataset(out, cfg.format, rows, BASE_COLUMNS + (ATTRIBUTE_COLUMNS if cfg.attributes else []), labels,
+                          meta)
     if cfg.bad_rows:
         write_atomic(out / "planted.json", json.dumps({"table": table.name, "labels_file": "labels.txt",
                                                        "rows": planted}, indent=1, ensure_ascii=False))
