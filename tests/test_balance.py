@@ -163,6 +163,8 @@ def test_competition_rule_names_the_starved_modality():
     assert competition.starved(history, num_labels=13) == []  # 0.12 is not below 1.5 / 13 = 0.115
     msg = competition.message("image", history, 6)
     assert "'image'" in msg and "model.aux_loss_weight" in msg and "\n" not in msg
-    flat = {"fused": [0.7, 0.7, 0.7], "image_only": [0.1, 0.1, 0.1]}
-    assert competition.starved(flat, 6) == []  # the fused model did not improve: no competition to report
+    saturated = {"fused": [1.0, 1.0, 1.0], "image_only": [0.1, 0.1, 0.1]}
+    assert competition.starved(saturated, 6) == ["image"]  # the text alone already gives every answer
+    assert competition.starved({"fused": [0.9, 0.8, 0.7], "image_only": [0.1] * 3}, 6) == []  # fused got worse
+    assert competition.starved({"fused": [0.2, 0.25, 0.3], "image_only": [0.1] * 3}, 6) == []  # nothing learned
     assert competition.ablation_gaps({"fused": {"macro_f1": 0.8}, "image_only": {"macro_f1": 0.5}}) == {"image": 0.3}

@@ -14,7 +14,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import pack_config
-from train_helpers import child_env, metrics, mmcat_cmd, run, write_config
+from train_helpers import child_env, metrics, mmcat_cmd, run, tb_scalars, write_config
 
 CLASSES = 4
 CHANCE_F1 = 1.0 / CLASSES
@@ -22,19 +22,19 @@ CHANCE_F1 = 1.0 / CLASSES
 
 @pytest.fixture(scope="module")
 def easy_text_data(tmp_path_factory) -> Path:
-    """240 products: every title names its category; 85 % of photos show the category's object, the rest a
-    category-neutral box."""
+    """320 products of `mmcat synth`'s first 4 categories: every title names its category (informative texts
+    only); 85 % of photos show the category's object, the rest a category-neutral box."""
     from mmcat.pack import pack
     from mmcat.synth import draw_product_image, product_text
 
     raw = tmp_path_factory.mktemp("easy_text_raw")
     (raw / "images").mkdir()
     rows = []
-    for i in range(240):
+    for i in range(320):
         rng = np.random.default_rng([7, i])
         cat = i % CLASSES
-        mode = "informative" if rng.random() < 0.85 else "neutral"
-        ok, enc = cv2.imencode(".jpg", draw_product_image(rng, cat, 64, 64, mode))
+        img = draw_product_image(rng, cat, 64, 64, "informative" if rng.random() < 0.85 else "neutral")
+        ok, enc = cv2.imencode(".jpg", img)
         (raw / "images" / f"p{i}.jpg").write_bytes(enc.tobytes())
         title, desc = product_text(rng, cat, True)
         rows.append({"id": f"p{i}", "image": f"images/p{i}.jpg", "title": title, "description": desc,
@@ -44,7 +44,7 @@ def easy_text_data(tmp_path_factory) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     out = tmp_path_factory.mktemp("easy_text_packed")
-    pack(pack_config(raw / "products.csv", out, image_size=40, max_samples_per_shard=40,
+    pack(pack_config(raw / "products.csv", out, image_size=48, max_samples_per_shard=40,
                      splits={"train": 0.7, "val": 0.15, "test": 0.15}))
     return out
 
@@ -57,17 +57,25 @@ def _train(tmp: Path, tiny_text: str, data: Path, name: str, *overrides: str) ->
 
 def _train_shipped(tmp: Path, data: Path, name: str, *overrides: str) -> Path:
     """The shipped recipe (configs/tiny_cpu.yaml: the offline pretrained MiniLM, so the text is the easy signal, as
-    in real catalogs), on small photos for speed."""
+    in real catalogs), on small photos for speed; the image learns at a lower rate, as a ResNet from scratch on real
+    photos does next to a pretrained text encoder (the same for both runs)."""
     run(mmcat_cmd("train", "--config", "tiny_cpu", f"data.root={data}", f"output_dir={tmp / name}",
-                  "data.image_size=40", "train.epochs=6", "train.batch_size=24", "data.max_text_length=24",
+                  "data.image_size=48", "train.epochs=8", "train.batch_size=24", "data.max_text_length=24",
+                  "train.lr_image=5e-4",
                   *overrides), env=child_env())
     return tmp / name
 
 
 def _tb_texts(run_dir: Path) -> list:
-    acc = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
-    acc.Reload()
-    return [e for tag in acc.Tags().get("tensors", []) if tag.startswith("warnings/") for e in acc.Tensors(tag)]
+    """The warnings a run wrote to TensorBoard as text (decoded)."""
+    out = []
+    for events in sorted((run_dir / "tensorboard" / "mmcat").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["tensors"]:
+            if tag.startswith("warnings/"):
+                out += [v.decode() for e in acc.Tensors(tag) for v in e.tensor_proto.string_val]
+    return out
 
 
 def test_image_half_learns_with_the_default_recipe_and_not_without(easy_text_data, tmp_path):
@@ -75,16 +83,22 @@ def test_image_half_learns_with_the_default_recipe_and_not_without(easy_text_dat
     off = metrics(_train_shipped(tmp_path, easy_text_data, "off", "model.aux_loss_weight=0", "model.modality_dropout=0"))
     for m in (default, off):  # text alone tells every class: the fused model is right either way
         assert m["test"]["fused"]["macro_f1"] > 0.9 and m["test"]["text_only"]["macro_f1"] > 0.9
-    # the remedies off: the image half learns nothing inside the fused model, and the run says so
-    assert off["val"]["image_only"]["macro_f1"] < 1.5 * CHANCE_F1
-    assert off["weak_modalities"] == ["image"]
+    # the remedies off: the image half starves inside the fused model, and the run says so
+    assert off["weak_modalities"] == ["image"]  # near chance for 3 evaluations in a row while fused held
+    assert off["val"]["image_only"]["macro_f1"] < 2 * CHANCE_F1
     assert off["ablation_gap"]["val"]["image"] == pytest.approx(
         off["val"]["fused"]["macro_f1"] - off["val"]["image_only"]["macro_f1"], abs=1e-6)
-    assert _tb_texts(tmp_path / "off"), "the competition warning is not in TensorBoard"
-    # the default recipe: the image-only ablation clearly beats chance (photos tell the class 85 % of the time)
-    assert default["test"]["image_only"]["macro_f1"] > 2.4 * CHANCE_F1
-    assert default["val"]["image_only"]["macro_f1"] > 2.4 * CHANCE_F1
+    texts = _tb_texts(tmp_path / "off")
+    assert len(texts) == 1 and "'image'" in texts[0] and "model.aux_loss_weight" in texts[0]
+    # the default recipe: the image-only ablation clearly beats chance (photos tell the class 85 % of the time),
+    # and the image's own auxiliary loss fell: the image encoder learned
+    for split in ("val", "test"):
+        assert default[split]["image_only"]["macro_f1"] > 2.4 * CHANCE_F1
+        assert default[split]["image_only"]["macro_f1"] > off[split]["image_only"]["macro_f1"] + 0.2
     assert default["weak_modalities"] == [] and not _tb_texts(tmp_path / "default")
+    image_aux = tb_scalars(tmp_path / "default", "train/aux_loss/image")
+    steps = sorted(image_aux)
+    assert image_aux[steps[-1]] < 0.5 * image_aux[steps[0]]
 
 
 @pytest.mark.parametrize("modality", ["image", "text"])

@@ -122,3 +122,25 @@ def test_zero3_always_gathers_weights_for_the_best_export(monkeypatch, caplog):
     _gather_weights_for_export(said_false, "ds.json")
     assert said_false["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert "DeepSpeed config ds.json says stage3_gather_16bit_weights_on_model_save=false" in caplog.text
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["model.modalities=[image]", "model.fusion=attention"],
+     "model.fusion=attention needs image and text (text attends to the image); the model has image: use gated, "
+     "concat or late"),
+    (["model.modalities=[]"], "model.modalities must list one or more modalities, each once; got []"),
+    (["model.modalities=[text,text]"], "model.modalities must list one or more modalities, each once; got ['text', 'text']"),
+    (["model.aux_loss_weights={photo: 1.0}"],
+     "config key 'model.aux_loss_weights': 'photo' is not a modality of the model (image, text)"),
+    (["model.modality_dropout_weights={text: 0}"], "config key 'model.modality_dropout_weights.text': must be > 0, got 0.0"),
+    (["model.aux_loss_weight=0", "model.ogm_alpha=0.5"],
+     "model.modality_dropout_target=stronger and model.ogm_alpha measure each modality by its auxiliary head; "
+     "image, text has none (aux loss weight 0)"),
+    (["model.modality_dropout_target=bigger"],
+     "config key 'model.modality_dropout_target': 'bigger' is not one of uniform, stronger"),
+])
+def test_train_refuses_bad_balance_settings_in_one_line(overrides, expected, tiny_packed_dataset, tiny_text, tmp_path):
+    cfg = write_config(tmp_path / "train.yaml", tiny_text, tiny_packed_dataset, tmp_path / "run")
+    msg = one_error_line(run(mmcat_cmd("train", "--config", str(cfg), *overrides), check=False), "train")
+    assert msg == expected
+    assert not (tmp_path / "run").exists()

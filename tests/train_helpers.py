@@ -18,7 +18,10 @@ TINY_CONFIG = {
     "data": {"image_size": 32, "max_text_length": 32, "num_workers": 1, "shuffle_buffer": 64},
     "model": {"image": {"name": "resnet18", "weights": "none"},
               "text": {"pretrained": False, "pooling": "mean"},
-              "fusion": "gated", "hidden_dim": 32},
+              "fusion": "gated", "hidden_dim": 32,
+              # every remedy for modality competition on (aux heads are on by default), so the resume, DDP and
+              # DeepSpeed tests cover their state (the running strengths) and their random numbers (OGM-GE noise)
+              "modality_dropout_target": "stronger", "ogm_alpha": 0.5},
     "train": {"batch_size": 16, "epochs": 2, "lr": 3e-3, "lr_image": 3e-3, "lr_text": 3e-3, "log_every": 1,
               "warmup_steps": 2},
 }

@@ -153,7 +153,10 @@ def load_modalities(names: Sequence[str], find_file: FileFinder, where: str) -> 
 
 
 def modes_for(names: Sequence[str]) -> List[str]:
-    """Evaluation modes: fused, ``<m>_only`` per modality, and leave-one-out ``without_<m>`` from 3 modalities on."""
+    """Evaluation modes: fused, ``<m>_only`` per modality, and leave-one-out ``without_<m>`` from 3 modalities on; a
+    one-modality model has only ``fused``."""
+    if len(names) < 2:
+        return ["fused"]
     return ["fused", *(f"{n}_only" for n in names), *((f"without_{n}" for n in names) if len(names) >= 3 else ())]
 
 

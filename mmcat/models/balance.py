@@ -92,17 +92,24 @@ def scheduled_rate(start: float, final: Optional[float], progress: float) -> flo
     return start + (float(final) - start) * min(max(progress, 0.0), 1.0)
 
 
-def aux_loss(aux_logits: Dict[str, torch.Tensor], masks: Dict[str, torch.Tensor], labels: torch.Tensor,
-             weights: Dict[str, float], loss_fn: nn.Module) -> torch.Tensor:
-    """Sum over modalities of weight x cross-entropy of the modality's own head, averaged over the samples that
-    have the modality (class weights and label smoothing as the fused loss)."""
-    total = torch.zeros((), device=labels.device)
+def aux_losses(aux_logits: Dict[str, torch.Tensor], masks: Dict[str, torch.Tensor], labels: torch.Tensor,
+               loss_fn: nn.Module) -> Dict[str, torch.Tensor]:
+    """Per modality, the cross-entropy of its own head averaged over the samples that have the modality (class
+    weights and label smoothing as the fused loss)."""
     kw = {"weight": getattr(loss_fn, "weight", None), "label_smoothing": getattr(loss_fn, "label_smoothing", 0.0)}
+    out = {}
     for name, logits in aux_logits.items():
         per_sample = F.cross_entropy(logits.float(), labels, reduction="none", **kw)
         m = masks[name].float()
-        total = total + weights[name] * (per_sample * m).sum() / m.sum().clamp(min=1.0)
-    return total
+        out[name] = (per_sample * m).sum() / m.sum().clamp(min=1.0)
+    return out
+
+
+def aux_loss(aux_logits: Dict[str, torch.Tensor], masks: Dict[str, torch.Tensor], labels: torch.Tensor,
+             weights: Dict[str, float], loss_fn: nn.Module) -> torch.Tensor:
+    """The weighted sum of :func:`aux_losses`: what is added to the fused loss."""
+    losses = aux_losses(aux_logits, masks, labels, loss_fn)
+    return sum((weights[k] * v for k, v in losses.items()), torch.zeros((), device=labels.device))
 
 
 def aux_weights(names: Sequence[str], default: float, overrides: Dict[str, float]) -> Dict[str, float]:

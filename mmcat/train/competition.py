@@ -1,8 +1,8 @@
 """The warning users see when one modality learned nothing: modality competition, detected from the ablations.
 
 After each validation the trainer records every ``<m>_only`` macro-F1. A modality whose ablation stays near
-chance (below ``NEAR_CHANCE`` x 1/C) for ``WARN_AFTER_EVALS`` evaluations in a row while the fused model improved
-over them is named in a log warning and a TensorBoard text, once per run, with the remedies; ``metrics.json`` gets
+chance (below ``NEAR_CHANCE`` x 1/C) for ``WARN_AFTER_EVALS`` evaluations in a row while the fused model, clearly
+above chance, held or improved its macro-F1 over them is named in a log warning and a TensorBoard text, once per run, with the remedies; ``metrics.json`` gets
 the ablation gap (fused minus ``<m>_only`` macro-F1) per split and the list of modalities warned about.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ NEAR_CHANCE = 1.5  # x chance macro-F1 (1 / number of classes)
 WARN_AFTER_EVALS = 3
 
 REMEDIES = ("raise model.aux_loss_weight (or model.aux_loss_weights.{m}), raise model.modality_dropout or set "
-            "model.modality_dropout_target=stronger, try model.ogm_alpha=0.5, or train a {m}-only model "
+            "model.modality_dropout_target=stronger, try model.ogm_alpha=0.5, or train a model on {m} alone "
             "(model.modalities=[{m}]) to see whether the data carries {m} signal at all")
 
 
@@ -26,12 +26,12 @@ def record(history: Dict[str, List[float]], results: Dict[str, Dict], modes: Seq
 
 
 def starved(history: Dict[str, List[float]], num_labels: int) -> List[str]:
-    """Modalities whose ablation stayed near chance over the last ``WARN_AFTER_EVALS`` evaluations while the
-    fused macro-F1 rose over the same evaluations."""
+    """Modalities whose ablation stayed near chance over the last ``WARN_AFTER_EVALS`` evaluations while the fused
+    model, clearly above chance, kept or raised its macro-F1 over the same evaluations (it learned from the others)."""
     fused = history.get("fused", [])
-    if len(fused) < WARN_AFTER_EVALS or fused[-1] <= fused[-WARN_AFTER_EVALS]:
-        return []
     limit = NEAR_CHANCE / max(num_labels, 1)
+    if len(fused) < WARN_AFTER_EVALS or fused[-1] < fused[-WARN_AFTER_EVALS] or fused[-1] < 2 * limit:
+        return []
     out = []
     for mode, values in history.items():
         if mode.endswith("_only") and len(values) >= WARN_AFTER_EVALS and max(values[-WARN_AFTER_EVALS:]) < limit:
@@ -43,7 +43,8 @@ def message(name: str, history: Dict[str, List[float]], num_labels: int) -> str:
     recent = ", ".join(f"{v:.3f}" for v in history[f"{name}_only"][-WARN_AFTER_EVALS:])
     fused = ", ".join(f"{v:.3f}" for v in history["fused"][-WARN_AFTER_EVALS:])
     return (f"modality competition: the '{name}' half learns nothing inside the fused model ({name}-only val "
-            f"macro-F1 {recent}; chance {1 / max(num_labels, 1):.3f}) while the fused model improves ({fused}). "
+            f"macro-F1 {recent}; chance {1 / max(num_labels, 1):.3f}) while the fused model learns from the others "
+            f"(fused {fused}). "
             f"Remedies: " + REMEDIES.format(m=name))
 
 

@@ -21,7 +21,7 @@ from mmcat.evaluation import dummy_batch, evaluate
 from mmcat.metrics import confusion_image, format_table, summary
 from mmcat.modalities import modes_for
 from mmcat.models import forward_batch
-from mmcat.models.balance import aux_loss
+from mmcat.models.balance import aux_losses
 from mmcat.train import competition
 from mmcat.train.accel import whole_model_init
 from mmcat.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint, weights_sha256
@@ -97,6 +97,9 @@ class Trainer:
         # samples, skipped samples, micro-batches (on the host), and the loss (on the device)
         self._window = torch.zeros(3, dtype=torch.float64)
         self._loss_sum = torch.zeros((), dtype=torch.float64)
+        self.aux_names = list(self.core.aux_weights)
+        self._aux_sum = torch.zeros(len(self.aux_names), dtype=torch.float64)
+        self._aux_mean: Dict[str, float] = {}
         self._steps_this_run = 0
         self._saved_step = -1
 
@@ -178,12 +181,17 @@ class Trainer:
         return self._at_boundary(done)
 
     def _loss(self, batch: Dict[str, Any]) -> torch.Tensor:
-        """The fused loss plus each auxiliary head's weighted loss (mmcat.models.balance)."""
+        """The fused loss plus each auxiliary head's weighted loss (mmcat.models.balance); the auxiliary losses are
+        also summed over the window for ``train/aux_loss/<m>`` (on the device: no sync)."""
         logits, aux = forward_batch(self.model, batch, "fused", with_aux=True)
         loss = self.loss_fn(logits.float(), batch["labels"])
         if aux:
-            loss = loss + aux_loss({k: v[0] for k, v in aux.items()}, {k: v[1] for k, v in aux.items()},
-                                   batch["labels"], self.core.aux_weights, self.loss_fn)
+            parts = aux_losses({k: v[0] for k, v in aux.items()}, {k: v[1] for k, v in aux.items()},
+                               batch["labels"], self.loss_fn)
+            weights = self.core.aux_weights
+            loss = loss + sum(weights[k] * v for k, v in parts.items())
+            now = torch.stack([parts[k].detach().double() for k in self.aux_names])
+            self._aux_sum = self._aux_sum.to(now.device) + now
         return loss
 
     def _count_micro_batch(self, batch: Dict[str, Any], loss: torch.Tensor) -> None:
@@ -204,10 +212,13 @@ class Trainer:
         whether any rank was asked to stop (all ranks stop together). Returns (mean loss, stop votes)."""
         acc, st = self.accelerator, self.state
         local = torch.cat([self._window.to(acc.device), self._loss_sum.reshape(1).to(acc.device),
-                           torch.tensor([float(self.preempt.requested)], dtype=torch.float64, device=acc.device)])
-        samples, skipped, micro, loss_sum, stop_votes = acc.reduce(local, "sum").tolist()
+                           torch.tensor([float(self.preempt.requested)], dtype=torch.float64, device=acc.device),
+                           self._aux_sum.to(acc.device)])
+        samples, skipped, micro, loss_sum, stop_votes, *aux_sums = acc.reduce(local, "sum").tolist()
+        self._aux_mean = {k: v / max(micro, 1) for k, v in zip(self.aux_names, aux_sums)}
         self._window.zero_()
         self._loss_sum = torch.zeros((), dtype=torch.float64)
+        self._aux_sum = torch.zeros(len(self.aux_names), dtype=torch.float64)
         st.samples_seen += int(samples)
         st.skipped_samples += int(skipped)
         return loss_sum / max(micro, 1), stop_votes
@@ -341,6 +352,7 @@ class Trainer:
                 "train/epoch": st.epoch, "train/skipped_samples": st.skipped_samples}
         if grad_norm is not None:
             logs["train/grad_norm"] = float(grad_norm)
+        logs.update({f"train/aux_loss/{k}": v for k, v in self._aux_mean.items()})
         logs.update({f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)})
         self.accelerator.log(logs, step=st.global_step)
         self.bar.set_postfix(loss=f"{loss:.3f}", sps=f"{rate:.1f}", wait=f"{wait_fraction:.2f}")
