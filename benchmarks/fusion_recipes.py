@@ -81,8 +81,9 @@ def table(rows: List[Dict]) -> str:
              "|---|---|---|---|---|---|"]
     for r in rows:
         t = r["test"]
-        lines.append(f"| {r['generator']} | {r['variant']} | {t['fused']:.3f} | {t.get('image_only', float('nan')):.3f} "
-                     f"| {t.get('text_only', float('nan')):.3f} | {r['seconds'] / 60:.1f} |")
+        image, text = t.get("image_only", float("nan")), t.get("text_only", float("nan"))
+        lines.append(f"| {r['generator']} | {r['variant']} | {t['fused']:.3f} | {image:.3f} | {text:.3f} "
+                     f"| {r['seconds'] / 60:.1f} |")
     for gen in sorted({r["generator"] for r in rows}):
         by = {r["variant"]: r["test"] for r in rows if r["generator"] == gen}
         if "image" in by and "text" in by:

@@ -80,7 +80,8 @@ def _tb_texts(run_dir: Path) -> list:
 
 def test_image_half_learns_with_the_default_recipe_and_not_without(easy_text_data, tmp_path):
     default = metrics(_train_shipped(tmp_path, easy_text_data, "default"))
-    off = metrics(_train_shipped(tmp_path, easy_text_data, "off", "model.aux_loss_weight=0", "model.modality_dropout=0"))
+    off = metrics(_train_shipped(tmp_path, easy_text_data, "off", "model.aux_loss_weight=0",
+                                 "model.modality_dropout=0"))
     for m in (default, off):  # text alone tells every class: the fused model is right either way
         assert m["test"]["fused"]["macro_f1"] > 0.9 and m["test"]["text_only"]["macro_f1"] > 0.9
     # the remedies off: the image half starves inside the fused model, and the run says so

@@ -129,10 +129,12 @@ def test_zero3_always_gathers_weights_for_the_best_export(monkeypatch, caplog):
      "model.fusion=attention needs image and text (text attends to the image); the model has image: use gated, "
      "concat or late"),
     (["model.modalities=[]"], "model.modalities must list one or more modalities, each once; got []"),
-    (["model.modalities=[text,text]"], "model.modalities must list one or more modalities, each once; got ['text', 'text']"),
+    (["model.modalities=[text,text]"],
+     "model.modalities must list one or more modalities, each once; got ['text', 'text']"),
     (["model.aux_loss_weights={photo: 1.0}"],
      "config key 'model.aux_loss_weights': 'photo' is not a modality of the model (image, text)"),
-    (["model.modality_dropout_weights={text: 0}"], "config key 'model.modality_dropout_weights.text': must be > 0, got 0.0"),
+    (["model.modality_dropout_weights={text: 0}"],
+     "config key 'model.modality_dropout_weights.text': must be > 0, got 0.0"),
     (["model.aux_loss_weight=0", "model.ogm_alpha=0.5"],
      "model.modality_dropout_target=stronger and model.ogm_alpha measure each modality by its auxiliary head; "
      "image, text has none (aux loss weight 0)"),

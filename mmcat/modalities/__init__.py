@@ -125,10 +125,13 @@ def check_balance_settings(model_cfg: Any, names: List[str]) -> None:
     for key, low in (("aux_loss_weights", 0.0), ("modality_dropout_weights", None)):
         for n, w in dict(model_cfg.get(key) or {}).items():
             if n not in names:
-                raise ConfigError(f"config key 'model.{key}': '{n}' is not a modality of the model ({', '.join(names)})")
+                raise ConfigError(f"config key 'model.{key}': '{n}' is not a modality of the model "
+                                  f"({', '.join(names)})")
             if (low is None and not float(w) > 0) or (low is not None and float(w) < low):
-                raise ConfigError(f"config key 'model.{key}.{n}': must be {'> 0' if low is None else '>= 0'}, got {w}")
-    needs_aux = str(model_cfg.get("modality_dropout_target")) == "stronger" or float(model_cfg.get("ogm_alpha") or 0) > 0
+                bound = "> 0" if low is None else ">= 0"
+                raise ConfigError(f"config key 'model.{key}.{n}': must be {bound}, got {w}")
+    target = str(model_cfg.get("modality_dropout_target"))
+    needs_aux = target == "stronger" or float(model_cfg.get("ogm_alpha") or 0) > 0
     weights = dict(model_cfg.get("aux_loss_weights") or {})
     no_head = [n for n in names if float(weights.get(n, model_cfg.get("aux_loss_weight") or 0)) <= 0]
     if needs_aux and len(names) > 1 and no_head:

@@ -95,8 +95,8 @@ class MultimodalClassifier(nn.Module):
         self.fusion, self.modality_dropout, self.num_labels = fusion, float(modality_dropout), int(num_labels)
         extra_encoders = dict(extra_encoders or {})
         self.extra_names = list(extra_encoders)
-        self.names = [*(["image"] if image_encoder is not None else []), *(["text"] if text_encoder is not None else []),
-                      *self.extra_names]
+        builtin = {"image": image_encoder, "text": text_encoder}
+        self.names = [*(k for k, e in builtin.items() if e is not None), *self.extra_names]
         if not self.names:
             raise ValueError("the model needs at least one modality")
         if fusion == Fusion.attention and (image_encoder is None or text_encoder is None):

@@ -2,8 +2,8 @@
 
 After each validation the trainer records every ``<m>_only`` macro-F1. A modality whose ablation stays near
 chance (below ``NEAR_CHANCE`` x 1/C) for ``WARN_AFTER_EVALS`` evaluations in a row while the fused model, clearly
-above chance, held or improved its macro-F1 over them is named in a log warning and a TensorBoard text, once per run, with the remedies; ``metrics.json`` gets
-the ablation gap (fused minus ``<m>_only`` macro-F1) per split and the list of modalities warned about.
+above chance, held or improved its macro-F1 over them is named in a log warning and a TensorBoard text, once per
+run, with the remedies; ``metrics.json`` gets the ablation gap (fused minus ``<m>_only`` macro-F1) per split and the list of modalities warned about.
 """
 from __future__ import annotations
 
