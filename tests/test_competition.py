@@ -105,7 +105,7 @@ def test_image_half_learns_with_the_default_recipe_and_not_without(easy_text_dat
 @pytest.mark.parametrize("modality", ["image", "text"])
 def test_unimodal_model_trains_end_to_end_and_eval_matches(tiny_packed_dataset, tiny_text, tmp_path, modality):
     run_dir = _train(tmp_path, tiny_text, tiny_packed_dataset, modality, f"model.modalities=[{modality}]",
-                     "train.epochs=2")
+                     "train.epochs=1")
     m = metrics(run_dir)
     assert m["modalities"] == [modality] and list(m["test"]) == ["fused"] and m["ablation_gap"]["test"] == {}
     best = run_dir / "best"

@@ -181,7 +181,7 @@ def fusion_data(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("fusion", ["concat", "late", "gated", "attention"])
 def test_each_fusion_head_trains_and_beats_chance(fusion, fusion_data, tiny_text, tmp_path):
     cfg = write_config(tmp_path / "train.yaml", tiny_text, fusion_data, tmp_path / "run", model__fusion=fusion,
-                       train__epochs=6, train__batch_size=24)
+                       train__epochs=4, train__batch_size=24)
     run(mmcat_cmd("train", "--config", str(cfg)))
     m = metrics(tmp_path / "run")
     n = m["val"]["fused"]["num_samples"] + m["test"]["fused"]["num_samples"]
