@@ -41,6 +41,7 @@ VARIANTS: Dict[str, List[str]] = {
     "late_no_remedies": ["model.fusion=late", "model.aux_loss_weight=0"],
     "image": ["model.modalities=[image]"],
     "text": ["model.modalities=[text]"],
+    "image_3x": ["model.modalities=[image]", "train.epochs=24"],  # is the image learnable with 3x the budget?
 }
 
 
