@@ -5,25 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmcat.config import Fusion, TrainRunConfig, load_config
+from mmcat.config import Fusion
 from mmcat.models import build_model, load_tokenizer
 from mmcat.models.balance import aux_loss, ogm_factors, scale_grad, scheduled_rate, true_class_scores
-from mmcat.models.tiny import make_tiny_text_model
 from mmcat.train import competition
+from train_helpers import model_cfg
 
 NUM_LABELS = 5
 LABELS = torch.tensor([0, 1, 2, 3])
-
-
-@pytest.fixture(scope="module")
-def tiny_text(tmp_path_factory) -> str:
-    return make_tiny_text_model(tmp_path_factory.mktemp("tiny_text"))
-
-
-def model_cfg(tiny_text, *overrides):
-    return load_config(TrainRunConfig, None, ["model.image.name=resnet18", f"model.text.name={tiny_text}",
-                                              "model.hidden_dim=16", "model.dropout=0.0", *overrides],
-                       require_complete=False).model
 
 
 def batch(tokenizer, n=4):

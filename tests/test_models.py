@@ -7,24 +7,13 @@ import os
 import pytest
 import torch
 
-from mmcat.config import Fusion, TrainRunConfig, load_config
+from mmcat.config import Fusion
 from mmcat.models import ModelLoadError, build_model, forward_batch, load_tokenizer
 from mmcat.models.image import ImageEncoder
 from mmcat.models.text import MINILM_NAMES, resolve_text_model
-from mmcat.models.tiny import make_tiny_text_model
+from train_helpers import model_cfg
 
 NUM_LABELS = 5
-
-
-@pytest.fixture(scope="module")
-def tiny_text(tmp_path_factory) -> str:
-    return make_tiny_text_model(tmp_path_factory.mktemp("tiny_text"))
-
-
-def model_cfg(tiny_text, *overrides):
-    return load_config(TrainRunConfig, None, ["model.image.name=resnet18", f"model.text.name={tiny_text}",
-                                              "model.hidden_dim=16", "model.dropout=0.0", *overrides],
-                       require_complete=False).model
 
 
 def batch(tokenizer, n=4):

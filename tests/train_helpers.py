@@ -114,3 +114,13 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
     for key in ("global_step", "samples_seen", "best_step", "final_weights_sha256"):
         assert metrics(resumed)[key] == metrics(reference)[key], key
     assert tb_scalars(resumed, "val/fused/macro_f1") == tb_scalars(reference, "val/fused/macro_f1")
+
+
+def model_cfg(text_model: str, *overrides: str):
+    """The model section of a small config (ResNet-18, the tiny BERT, hidden 16, no dropout) for in-process model
+    tests; ``overrides`` are ``key=value`` strings."""
+    from mmcat.config import TrainRunConfig, load_config
+
+    return load_config(TrainRunConfig, None, ["model.image.name=resnet18", f"model.text.name={text_model}",
+                                              "model.hidden_dim=16", "model.dropout=0.0", *overrides],
+                       require_complete=False).model
