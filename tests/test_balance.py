@@ -157,3 +157,25 @@ def test_competition_rule_names_the_starved_modality():
     assert competition.starved({"fused": [0.9, 0.8, 0.7], "image_only": [0.1] * 3}, 6) == []  # fused got worse
     assert competition.starved({"fused": [0.2, 0.25, 0.3], "image_only": [0.1] * 3}, 6) == []  # nothing learned
     assert competition.ablation_gaps({"fused": {"macro_f1": 0.8}, "image_only": {"macro_f1": 0.5}}) == {"image": 0.3}
+
+
+def test_an_artifact_from_before_the_aux_heads_loads_and_predicts_the_same(tiny_text, tmp_path):
+    """best/ written before auxiliary heads existed: no aux weights, and a config.yaml without the balance keys (so
+    the schema default aux_loss_weight=0.5 asks for heads). The training-only parts are not needed to predict."""
+    from mmcat.artifact import export_artifact, load_artifact
+    from mmcat.config import TrainRunConfig, load_config
+
+    cfg = load_config(TrainRunConfig, None, ["output_dir=x", "data.root=x", "model.image.name=resnet18",
+                                             f"model.text.name={tiny_text}", "model.hidden_dim=16",
+                                             "model.aux_loss_weight=0"])
+    old = build_model(cfg.model, NUM_LABELS).eval()
+    export_artifact(tmp_path / "best", old.state_dict(), old, cfg, [f"c{i}" for i in range(NUM_LABELS)],
+                    load_tokenizer(cfg.model.text))
+    config = tmp_path / "best" / "config.yaml"
+    config.write_text("".join(ln for ln in config.read_text().splitlines(keepends=True)
+                              if "aux_loss_weight" not in ln and "modality_dropout_" not in ln and "ogm_" not in ln))
+    art = load_artifact(tmp_path / "best")
+    assert art.model.aux_weights == {"image": 0.5, "text": 0.5}  # the schema default: heads built, not loaded
+    b = batch(load_tokenizer(cfg.model.text))
+    with torch.no_grad():
+        assert torch.equal(art.model(**b), old(**b))
