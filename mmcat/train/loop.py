@@ -299,7 +299,7 @@ class Trainer:
 
     def _check_competition(self, res: Dict[str, Dict]) -> None:
         """Warn (log + TensorBoard text, once per modality) when a modality's ablation stays near chance while the
-        fused model improves: the sign that another modality took all the gradient."""
+        fused model holds or improves (mmcat.train.competition): another modality took all the gradient."""
         st = self.state
         competition.record(st.ablation_history, res, self.modes)
         for name in competition.starved(st.ablation_history, len(self.labels)):
