@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -107,3 +107,14 @@ def write_img2dataset(folder: Path, shard_sizes: Sequence[int], labels: Sequence
                 index += 1
         (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": n, "successes": n, "failed_to_download": 0}))
     return infos
+
+
+def read_packed(packed: Path) -> Iterator[Tuple[str, Dict]]:
+    """(split, raw sample) of every sample of a packed dataset, in the manifest's shard order, read with plain
+    webdataset (not mmcat's loader: tests check what mmcat wrote with an independent reader)."""
+    manifest = json.loads((packed / "manifest.json").read_text())
+    for split, info in manifest["splits"].items():
+        urls = [str(packed / split / s["name"]) for s in info["shards"]]
+        for s in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()) if urls else []:
+            yield split, s
+

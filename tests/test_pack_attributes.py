@@ -14,12 +14,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import webdataset as wds
 
 from mmcat.cli import main
 from mmcat.pack.attributes import infer_kinds
 from mmcat.pack.merge import merge_slices
 
+from _shards import read_packed
 from conftest import synth_config
 
 COLUMNS = "brand,colour,price"
@@ -68,14 +68,8 @@ def packed(raw: Path, tmp_path_factory) -> Path:
 
 def _samples(packed: Path) -> dict:
     """id -> (split, json object) of every packed sample, read with plain webdataset."""
-    manifest = json.loads((packed / "manifest.json").read_text())
-    out = {}
-    for split, info in manifest["splits"].items():
-        urls = [str(packed / split / s["name"]) for s in info["shards"]]
-        for s in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()) if urls else []:
-            meta = json.loads(s["json"])
-            out[meta["id"]] = (split, meta)
-    return out
+    metas = ((split, json.loads(s["json"])) for split, s in read_packed(packed))
+    return {meta["id"]: (split, meta) for split, meta in metas}
 
 
 def _expected(row: dict) -> dict:

@@ -5,21 +5,16 @@ import json
 from pathlib import Path
 
 import pytest
-import webdataset as wds
 
 from mmcat.cli import main
 from mmcat.config import ConfigError
 from mmcat.pack.merge import merge_slices
 
+from _shards import read_packed
+
 
 def _samples(packed: Path) -> dict:
-    manifest = json.loads((packed / "manifest.json").read_text())
-    out = {}
-    for split, info in manifest["splits"].items():
-        urls = [str(packed / split / s["name"]) for s in info["shards"]]
-        for s in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()) if urls else []:
-            out[s["__key__"]] = (split, s.get("jpg"), s.get("txt"), s["json"], s["cls"])
-    return out
+    return {s["__key__"]: (split, s.get("jpg"), s.get("txt"), s["json"], s["cls"]) for split, s in read_packed(packed)}
 
 
 def _slice(raw: Path, out: Path, i: int, n: int, *extra: str) -> int:
