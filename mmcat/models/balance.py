@@ -116,6 +116,3 @@ def aux_weights(names: Sequence[str], default: float, overrides: Dict[str, float
     """Per-modality aux-loss weight: ``overrides[name]`` else ``default``; modalities with weight 0 get no head."""
     return {n: float(overrides.get(n, default)) for n in names}
 
-
-def unknown_names(mapping: Dict[str, float], names: List[str]) -> List[str]:
-    return [k for k in mapping if k not in names]
