@@ -268,7 +268,7 @@ class _DecodeAugment:
             yield s
 
 
-class _Collate:
+class Collate:
     """Batch in the worker: stack images (uint8, or normalised once per batch), tokenize all texts in one call;
     every other modality collates its own values (``batch[name]``, ``batch["has_<name>"]``)."""
 
@@ -330,7 +330,7 @@ class _Limit:
                 return
 
 
-def _uint8_pixels(data_cfg: Any) -> bool:
+def uint8_pixels(data_cfg: Any) -> bool:
     """Ship uint8 pixels (the model normalises on the GPU) unless training runs on the CPU, where normalising in
     the loader workers keeps that work parallel instead of serial in the trainer process."""
     choice = data_cfg.get("uint8_pixels") if hasattr(data_cfg, "get") else getattr(data_cfg, "uint8_pixels", None)
@@ -346,8 +346,8 @@ def _pipeline(spec: _StreamSpec, data_cfg: Any, tokenizer: Any, modalities: Sequ
         _Samples(spec, counter, labels, int(data_cfg.shuffle_buffer), _Members(str(data_cfg.label_key), modalities),
                  modalities),
         _DecodeAugment(counter, size, train, float(data_cfg.min_crop_scale)),
-        wds.batched(spec.batch_size, collation_fn=_Collate(tokenizer, int(data_cfg.max_text_length), size, counter,
-                                                            normalize=not _uint8_pixels(data_cfg),
+        wds.batched(spec.batch_size, collation_fn=Collate(tokenizer, int(data_cfg.max_text_length), size, counter,
+                                                            normalize=not uint8_pixels(data_cfg),
                                                             modalities=modalities),
                     partial=not train),
         _Limit(spec),

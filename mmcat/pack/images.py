@@ -148,9 +148,19 @@ def _source_notes(pil_mode: str, orientation: int) -> List[str]:
     return notes
 
 
-def process_image(data: bytes, size: int, mode: str = "shorter", quality: int = 90,
-                  max_pixels: int = 89_478_485) -> ProcessedImage:
-    """Decode ``data`` (any format OpenCV reads), fix orientation/colour, resize, re-encode as an RGB JPEG."""
+@dataclass
+class DecodedPhoto:
+    image: np.ndarray  # BGR uint8, upright, no alpha; decoded at reduced scale where that keeps ``size``
+    orig_width: int  # as displayed (after EXIF rotation)
+    orig_height: int
+    notes: List[str] = field(default_factory=list)
+
+
+def decode_photo(data: bytes, size: int, mode: str = "shorter", max_pixels: int = 89_478_485) -> DecodedPhoto:
+    """Decode ``data`` (any format OpenCV reads) to an upright 8-bit BGR array: pixel-count guard from the header,
+    truncated JPEGs refused, EXIF orientation, grey/CMYK/16-bit converted, alpha composited on white. A JPEG is
+    decoded at reduced scale when the side ``mode`` resizes by stays >= ``size``. Shared by ``mmcat pack`` and
+    inference on raw photos (``mmcat.classifier``), so a photo is read the same way in both."""
     mode = ResizeMode(mode)  # a plain string from Python callers; the config already holds a ResizeMode
     if not data:
         raise ImageError("image_empty", "0 bytes")
@@ -185,11 +195,18 @@ def process_image(data: bytes, size: int, mode: str = "shorter", quality: int = 
             raise ImageError("image_undecodable", f"{fmt} {pil_mode}")
     notes.extend(_source_notes(pil_mode, orientation))
     ow, oh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-    img = _resize(img, size, mode)
+    return DecodedPhoto(img, ow, oh, notes)
+
+
+def process_image(data: bytes, size: int, mode: str = "shorter", quality: int = 90,
+                  max_pixels: int = 89_478_485) -> ProcessedImage:
+    """Decode ``data`` (:func:`decode_photo`), resize, re-encode as an RGB JPEG."""
+    photo = decode_photo(data, size, mode, max_pixels)
+    img = _resize(photo.image, size, ResizeMode(mode))
     ok, enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:  # pragma: no cover - OpenCV encodes any 8-bit BGR array
         raise ImageError("image_encode_failed")
-    return ProcessedImage(enc.tobytes(), img.shape[1], img.shape[0], ow, oh, notes)
+    return ProcessedImage(enc.tobytes(), img.shape[1], img.shape[0], photo.orig_width, photo.orig_height, photo.notes)
 
 
 def _file_kind(mode: int) -> str:
