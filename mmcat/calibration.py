@@ -19,7 +19,7 @@ import json
 import math
 from itertools import combinations
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -103,13 +103,15 @@ class CalibrationStats:
 
     def fit(self) -> Dict[str, Dict[str, float]]:
         """Per input combination with samples: ``temperature`` (lowest NLL on the grid), ``ece_before`` (T = 1),
-        ``ece_after`` and ``num_samples``."""
+        ``ece_after`` and ``num_samples``. A temperature that would raise the ECE on the very data it was fit on
+        (a small or already calibrated split) is not used: T = 1."""
         out: Dict[str, Dict[str, float]] = {}
         for k, mode in enumerate(self.modes):
             n = int(self.bins[k, ONE, :, 0].sum())
             if n == 0:
                 continue
             g = int(torch.argmin(self.nll[k]))
+            g = g if self._ece(k, g) <= self._ece(k, ONE) else ONE
             out[mode] = {"temperature": round(float(GRID[g]), 4), "num_samples": n,
                          "ece_before": self._ece(k, ONE), "ece_after": self._ece(k, g)}
         return out
@@ -185,3 +187,75 @@ def threshold_for_precision(scores: Sequence[float], correct: Sequence[bool],
 def coverage_table(scores: Sequence[float], correct: Sequence[bool],
                    targets: Iterable[float] = PRECISIONS) -> Dict[str, Optional[Dict[str, float]]]:
     return {f"{t:.2f}": threshold_for_precision(scores, correct, t) for t in targets}
+
+
+# ---------------------------------------------------------------------------------------- during an evaluation
+class EvalScores:
+    """What an evaluation pass collects for calibration: per sample and evaluation mode, the top-1 confidence at
+    T = 1 and under ``temperatures`` (by the sample's input combination), whether top-1 is right; with ``fit``,
+    also the grid sums to fit temperatures. :meth:`finish` reduces / gathers across ranks."""
+
+    def __init__(self, names: Sequence[str], temperatures: Optional[Dict[str, float]], fit: bool) -> None:
+        self.names, self.temperatures = list(names), dict(temperatures or {})
+        self.stats = CalibrationStats(input_modes(self.names)) if fit else None
+        self.rows: Dict[str, List[Tuple[str, float, float, bool]]] = {}
+
+    def add(self, mode: str, logits: torch.Tensor, targets: torch.Tensor, masks: Dict[str, torch.Tensor]) -> None:
+        logits, targets = logits.detach().float().cpu(), targets.cpu()
+        present = torch.stack([masks[n].cpu() for n in self.names], dim=1).tolist()
+        inputs = [input_mode([n for n, p in zip(self.names, row) if p], self.names) for row in present]
+        temps = torch.tensor([temperature_for(self.temperatures, m) for m in inputs])
+        raw, pred = torch.softmax(logits, -1).max(-1)
+        cal = torch.softmax(logits / temps[:, None], -1).max(-1).values
+        correct = (pred == targets).tolist()
+        self.rows.setdefault(mode, []).extend(zip(inputs, raw.tolist(), cal.tolist(), correct))
+        if self.stats is not None:
+            self.stats.add(logits, targets, inputs)
+
+    def finish(self, accelerator: Any, modes: Sequence[str]) -> Dict[str, Any]:
+        """{"fit": per-input fit or None, "by_input": ECE before/after per input combination (over every mode's
+        samples), "coverage_at_precision": of the fused mode, "temperatures"}; the fused mode's (score, correct)
+        pairs stay on ``self.fused`` for thresholds."""
+        fitted = None
+        if self.stats is not None:
+            flat = accelerator.reduce(self.stats.tensor().to(accelerator.device), "sum")
+            self.stats.load_tensor(flat)
+            fitted = self.stats.fit()
+        gathered = {m: accelerator.gather_for_metrics(self.rows.get(m, []), use_gather_object=True) for m in modes}
+        by_input: Dict[str, Dict[str, float]] = {}
+        for mode in input_modes(self.names):
+            rows = [r for m in modes for r in gathered[m] if r[0] == mode]
+            if rows:
+                by_input[mode] = {"num_samples": len(rows), "ece_before": ece([r[1] for r in rows], [r[3] for r in rows]),
+                                  "ece_after": ece([r[2] for r in rows], [r[3] for r in rows]),
+                                  "temperature": temperature_for(self.temperatures, mode)}
+        fused = gathered.get("fused", [])
+        self.fused = ([r[2] for r in fused], [r[3] for r in fused])
+        return {"temperatures": self.temperatures, "fit": fitted, "by_input": by_input,
+                "coverage_at_precision": coverage_table(*self.fused)}
+
+
+def format_calibration(report: Dict[str, Any], split: str) -> str:
+    """The calibration lines of ``mmcat eval``: ECE per input combination, coverage at precision, and the
+    threshold for ``--target-precision``."""
+    cal = report["calibration"]
+    fitted = "fit on val" if cal["temperatures"] else "none fitted: scores at T = 1"
+    lines = [f"calibration (temperatures {fitted})",
+             f"{'inputs':<16}{'samples':>9}{'temperature':>13}{'ECE before':>12}{'ECE after':>11}"]
+    for mode, v in cal["by_input"].items():
+        lines.append(f"{mode:<16}{v['num_samples']:>9d}{v['temperature']:>13.3f}{v['ece_before']:>12.4f}"
+                     f"{v['ece_after']:>11.4f}")
+    cov = [f"{p}: {_coverage(v)}" for p, v in cal["coverage_at_precision"].items()]
+    lines.append(f"fused coverage at precision  {'  '.join(cov)}")
+    target = report.get("target_precision")
+    if target is not None:
+        hit = target["reached"]
+        lines.append(f"--target-precision {target['precision']}: " + (
+            f"no score threshold reaches it on {split}" if hit is None else
+            f"score >= {hit['threshold']:.4f} gives precision {hit['precision']:.4f} at coverage "
+            f"{hit['coverage']:.1%} on {split} (mmcat predict --min-score {hit['threshold']:.4f})"))
+    return "\n".join(lines)
+
+
+def _coverage(hit: Optional[Dict[str, float]]) -> str:
+    return "unreached" if hit is None else f"{hit['coverage']:.1%} (score >= {hit['threshold']:.3f})"

@@ -99,6 +99,17 @@ def _at_least(low: int):
     return parse
 
 
+def _probability(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def _flag_overrides(args: argparse.Namespace, names: tuple) -> List[str]:
     return [f"{n}={getattr(args, n)}" for n in names if getattr(args, n, None) is not None]
 
@@ -160,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write metrics JSON here (missing folders are created)")
     p.add_argument("--batch-size", dest="batch_size", type=_at_least(1), default=64)
     p.add_argument("--num-workers", dest="num_workers", type=_at_least(0), default=0)
+    p.add_argument("--target-precision", dest="target_precision", type=_probability, metavar="P",
+                   help="print the score threshold whose accepted predictions reach precision P on this split "
+                        "(run on val; use it as predict/serve --min-score)")
     p.set_defaults(func=_cmd_eval)
 
     _add_configs_parser(sub)

@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from omegaconf import OmegaConf
 
 from mmcat.artifact import load_artifact
+from mmcat.calibration import EvalScores, format_calibration, read_temperatures, threshold_for_precision
 from mmcat.evaluation import dummy_batch, evaluate
 from mmcat.metrics import format_table, summary
 from mmcat.train.accel import multi_cpu_ddp, process_group_kwargs
@@ -39,7 +40,11 @@ def _labels_file(data_cfg, model_labels, model_dir: str, data_root: str) -> Opti
 
 
 def evaluate_artifact(model_dir: str, data_root: str, split: str = "test", batch_size: int = 64,
-                      num_workers: int = 0, out: Optional[str] = None, label_key: Optional[str] = None) -> Dict:
+                      num_workers: int = 0, out: Optional[str] = None, label_key: Optional[str] = None,
+                      target_precision: Optional[float] = None) -> Dict:
+    """Metrics per mode of ``best/`` on a packed split, the calibration of its scores (ECE before / after the
+    temperatures in ``best/calibration.json``, by input combination), the fused model's coverage at precision
+    0.90 / 0.95 / 0.99 and, with ``target_precision``, the score threshold that reaches it on this split."""
     from mmcat.config import check_label_key
     from mmcat.data import build_eval_loader
     from mmcat.data.shards import check_root_exists, check_split, root_entries
@@ -58,14 +63,20 @@ def evaluate_artifact(model_dir: str, data_root: str, split: str = "test", batch
     loader = build_eval_loader(data_cfg, split, art.tokenizer, batch_size, num_workers,
                                rank=acc.process_index, world_size=acc.num_processes, modalities=art.modalities)
     modes = art.modes
+    scores = EvalScores(list(art.model.names), read_temperatures(Path(model_dir)), fit=False)
     res = evaluate(art.model, loader, acc, art.labels,
-                   dummy_batch(art.tokenizer, data_cfg.image_size, art.modalities), modes=modes)
+                   dummy_batch(art.tokenizer, data_cfg.image_size, art.modalities), modes=modes, calibration=scores)
     report = {m: summary(res[m]) for m in modes}
+    report["calibration"] = {k: res["calibration"][k] for k in ("temperatures", "by_input", "coverage_at_precision")}
+    if target_precision is not None:
+        report["target_precision"] = {"precision": target_precision,
+                                      "reached": threshold_for_precision(*scores.fused, target_precision)}
     report.update(split=split, model=str(model_dir), data=data_root, skipped_samples=res["skipped_samples"],
                   per_class={m: res[m]["per_class"] for m in modes},
                   confusion_matrix={m: res[m]["confusion_matrix"] for m in modes})
     if acc.is_main_process:
         print(format_table(res, title=f"[{split}] {model_dir}"), flush=True)
+        print(format_calibration(report, split), flush=True)
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(json.dumps(report, indent=2))
@@ -74,5 +85,5 @@ def evaluate_artifact(model_dir: str, data_root: str, split: str = "test", batch
 
 def evaluate_cli(args: argparse.Namespace) -> int:
     evaluate_artifact(args.model, args.data, args.split, args.batch_size, args.num_workers, args.out,
-                      label_key=args.label_key)
+                      label_key=args.label_key, target_precision=args.target_precision)
     return 0

@@ -19,7 +19,8 @@ from accelerate.utils import send_to_device
 from mmcat.data.loader import iterate_batches
 from mmcat.errors import DataError
 from mmcat.metrics import MODES, classification_metrics
-from mmcat.models.fusion import forward_batch
+from mmcat.calibration import EvalScores
+from mmcat.models.fusion import forward_batch, mode_masks
 
 
 def dummy_batch(tokenizer: Any, image_size: int, modalities: Sequence[Any] = ()) -> Dict[str, Any]:
@@ -38,8 +39,10 @@ def dummy_batch(tokenizer: Any, image_size: int, modalities: Sequence[Any] = ())
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelerator, labels: Sequence[str],
              dummy: Dict[str, Any], modes: Sequence[str] = MODES,
-             stop_requested: Callable[[], bool] = lambda: False) -> Optional[Dict[str, Dict]]:
-    """Metrics per mode over every sample that ``batches`` yields on every rank.
+             stop_requested: Callable[[], bool] = lambda: False,
+             calibration: Optional[EvalScores] = None) -> Optional[Dict[str, Dict]]:
+    """Metrics per mode over every sample that ``batches`` yields on every rank. With ``calibration``, also the
+    calibrated confidences (and temperature fit sums) of every sample: ``results["calibration"]``.
 
     Returns None when ``stop_requested()`` turned true on any rank (a preemption during a long validation): the
     ranks agree on it in the same collective that keeps them in lockstep, so the trainer can still checkpoint in
@@ -67,6 +70,8 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelera
                     logits = forward_batch(model, batch, mode)
                     if real:
                         preds[mode].extend(logits.argmax(dim=-1).tolist())
+                        if calibration is not None:
+                            calibration.add(mode, logits, batch["labels"], mode_masks(batch, mode))
             if real:
                 targets.extend(batch["labels"].tolist())
                 skipped += int(batch.get("skipped", 0))
@@ -82,4 +87,6 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelera
         all_preds = accelerator.gather_for_metrics(preds[mode], use_gather_object=True)
         results[mode] = classification_metrics(all_targets, all_preds, labels)
     results["skipped_samples"] = total_skipped
+    if calibration is not None:
+        results["calibration"] = calibration.finish(accelerator, modes)
     return results

@@ -14,6 +14,7 @@ import torch
 from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
+from mmcat.calibration import EvalScores, temperatures_of, write_calibration
 from mmcat.config import to_container
 from mmcat.data import iterate_batches
 from mmcat.hashing import stable_seed
@@ -264,10 +265,11 @@ class Trainer:
                                  self.cfg.data.num_workers, rank=acc.process_index, world_size=acc.num_processes,
                                  modalities=self.setup.modalities)
 
-    def evaluate_split(self, split: str, model: Optional[torch.nn.Module] = None) -> Optional[Dict[str, Dict]]:
+    def evaluate_split(self, split: str, model: Optional[torch.nn.Module] = None,
+                       calibration: Optional[EvalScores] = None) -> Optional[Dict[str, Dict]]:
         """Metrics of ``split``; None when a stop was asked for during the evaluation."""
         return evaluate(model or self.model, self._eval_batches(split), self.accelerator, self.labels, self.dummy,
-                        modes=self.modes, stop_requested=lambda: self.preempt.requested)
+                        modes=self.modes, stop_requested=lambda: self.preempt.requested, calibration=calibration)
 
     def _eval_and_export(self) -> Optional[str]:
         """Validate; export ``best/`` when val macro-F1 improves; decide early stopping."""
@@ -359,7 +361,8 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- finish
     def _finish(self) -> str:
-        """Final metrics of the exported artifact itself (what gets deployed), on val and test."""
+        """Final metrics of the exported artifact itself (what gets deployed), on val and test. The val pass also
+        fits the temperatures of calibrated scores (``best/calibration.json``), which the test pass then uses."""
         from mmcat.artifact import load_artifact
 
         acc, st = self.accelerator, self.state
@@ -368,11 +371,15 @@ class Trainer:
             art = load_artifact(self.out / "best", device=acc.device)
         results: Dict[str, Any] = {}
         gaps: Dict[str, Dict[str, float]] = {}  # fused minus <m>_only macro-F1, per split
+        temperatures: Optional[Dict[str, float]] = None  # fit on val
         for split in filter(None, (self.cfg.data.val_split, self.cfg.data.test_split)):  # test_split may be null
-            res = self.evaluate_split(split, model=art.model)
+            scores = EvalScores(self.setup.modality_names, temperatures, fit=temperatures is None)
+            res = self.evaluate_split(split, model=art.model, calibration=scores)
             if res is None:
                 return STOPPED  # the final checkpoint exists: a resumed run only repeats these evaluations
             results[split] = {m: summary(res[m]) for m in self.modes}
+            results[split]["calibration"] = self._calibration(split, res["calibration"])
+            temperatures = temperatures_of(res["calibration"]["fit"]) if temperatures is None else temperatures
             gaps[split] = competition.ablation_gaps(res)
             if acc.is_main_process:
                 print(format_table(res, title=f"[{split}] best model (step {st.best_step})"), flush=True)
@@ -386,6 +393,16 @@ class Trainer:
             log.info("done: %d steps, %d samples, metrics in %s", st.global_step, st.samples_seen,
                      self.out / "metrics.json")
         return DONE
+
+    def _calibration(self, split: str, cal: Dict[str, Any]) -> Dict[str, Any]:
+        """The val pass writes ``best/calibration.json`` and reports what was fit (per input combination:
+        temperature, ECE before / after); the test pass reports ECE before / after under those temperatures and
+        the coverage of the fused model at precision 0.90 / 0.95 / 0.99."""
+        if cal["fit"] is not None:
+            if self.accelerator.is_main_process:
+                write_calibration(self.out / "best", cal["fit"], split)
+            return {"fit": cal["fit"]}
+        return {"by_input": cal["by_input"], "coverage_at_precision": cal["coverage_at_precision"]}
 
 
 def train(cfg: Any) -> int:
