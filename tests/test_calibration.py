@@ -104,8 +104,11 @@ def test_training_fits_on_val_and_the_api_scores_agree_with_the_fit(baseline_run
     from mmcat import Classifier
 
     cal = json.loads((baseline_run / "best" / "calibration.json").read_text())
-    val_size = json.loads((baseline_run / "metrics.json").read_text())["val"]["fused"]["num_samples"]
+    m = json.loads((baseline_run / "metrics.json").read_text())
+    val_size = m["val"]["fused"]["num_samples"]
     assert cal["split"] == "val" and cal["fit"]["fused"]["num_samples"] == val_size
+    assert m["calibration"]["val"]["fit"] == cal["fit"]
+    assert set(m["calibration"]["test"]["by_input"]) == {"fused", "image_only", "text_only"}
     assert cal["temperatures"] == {}  # fewer than MIN_SAMPLES val samples: nothing is rescaled
     preds = _val_predictions(Classifier.load(baseline_run / "best", device="cpu"), tiny_packed_dataset)
     assert len(preds) == val_size and {p.modalities for p, _ in preds} == {"fused"}

@@ -372,20 +372,21 @@ class Trainer:
         results: Dict[str, Any] = {}
         gaps: Dict[str, Dict[str, float]] = {}  # fused minus <m>_only macro-F1, per split
         temperatures: Optional[Dict[str, float]] = None  # fit on val
+        calibration: Dict[str, Any] = {}
         for split in filter(None, (self.cfg.data.val_split, self.cfg.data.test_split)):  # test_split may be null
             scores = EvalScores(self.setup.modality_names, temperatures, fit=temperatures is None)
             res = self.evaluate_split(split, model=art.model, calibration=scores)
             if res is None:
                 return STOPPED  # the final checkpoint exists: a resumed run only repeats these evaluations
             results[split] = {m: summary(res[m]) for m in self.modes}
-            results[split]["calibration"] = self._calibration(split, res["calibration"])
+            calibration[split] = self._calibration(split, res["calibration"])
             temperatures = temperatures_of(res["calibration"]["fit"]) if temperatures is None else temperatures
             gaps[split] = competition.ablation_gaps(res)
             if acc.is_main_process:
                 print(format_table(res, title=f"[{split}] best model (step {st.best_step})"), flush=True)
         results.update(global_step=st.global_step, samples_seen=st.samples_seen, best_step=st.best_step,
                        skipped_samples=st.skipped_samples, world_size=acc.num_processes,
-                       modalities=list(self.setup.modality_names), ablation_gap=gaps,
+                       modalities=list(self.setup.modality_names), ablation_gap=gaps, calibration=calibration,
                        weak_modalities=list(st.competition_warned),
                        final_weights_sha256=weights_sha256(acc.get_state_dict(self.model)))
         if acc.is_main_process:
