@@ -59,6 +59,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return evaluate_cli(args)
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from mmcat.eval_artifact import calibrate_cli
+
+    return calibrate_cli(args)
+
+
 def _cmd_configs_list(args: argparse.Namespace) -> int:
     from mmcat.shipped import describe, shipped_files
 
@@ -175,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the score threshold whose accepted predictions reach precision P on this split "
                         "(run on val; use it as predict/serve --min-score)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("calibrate", help="fit the temperatures of a trained model's scores on a split (training "
+                       "does this on val when it finishes) and write best/calibration.json")
+    p.add_argument("--model", required=True, help="artifact dir (RUN_DIR/best)")
+    p.add_argument("--data", required=True, help="packed dataset dir or shard pattern (like data.root)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--label-key", dest="label_key", help="cls, or json:<field> (default: the model's)")
+    p.add_argument("--batch-size", dest="batch_size", type=_at_least(1), default=64)
+    p.add_argument("--num-workers", dest="num_workers", type=_at_least(0), default=0)
+    p.set_defaults(func=_cmd_calibrate)
 
     _add_configs_parser(sub)
     return parser

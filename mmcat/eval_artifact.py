@@ -6,13 +6,14 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
 from mmcat.artifact import load_artifact
-from mmcat.calibration import EvalScores, format_calibration, read_temperatures, threshold_for_precision
+from mmcat.calibration import (EvalScores, format_calibration, read_temperatures, threshold_for_precision,
+                               write_calibration)
 from mmcat.evaluation import dummy_batch, evaluate
 from mmcat.metrics import format_table, summary
 from mmcat.train.accel import multi_cpu_ddp, process_group_kwargs
@@ -39,12 +40,10 @@ def _labels_file(data_cfg, model_labels, model_dir: str, data_root: str) -> Opti
     return None
 
 
-def evaluate_artifact(model_dir: str, data_root: str, split: str = "test", batch_size: int = 64,
-                      num_workers: int = 0, out: Optional[str] = None, label_key: Optional[str] = None,
-                      target_precision: Optional[float] = None) -> Dict:
-    """Metrics per mode of ``best/`` on a packed split, the calibration of its scores (ECE before / after the
-    temperatures in ``best/calibration.json``, by input combination), the fused model's coverage at precision
-    0.90 / 0.95 / 0.99 and, with ``target_precision``, the score threshold that reaches it on this split."""
+def _split_run(model_dir: str, data_root: str, split: str, batch_size: int, num_workers: int,
+               label_key: Optional[str], fit: bool) -> Tuple[Any, Dict, EvalScores, Any]:
+    """Load ``best/``, check the data and evaluate ``split`` in every mode with calibration scores:
+    (artifact, results, the scores, accelerator)."""
     from mmcat.config import check_label_key
     from mmcat.data import build_eval_loader
     from mmcat.data.shards import check_root_exists, check_split, root_entries
@@ -62,10 +61,37 @@ def evaluate_artifact(model_dir: str, data_root: str, split: str = "test", batch
     check_split(data_cfg, split, list(art.labels), key="--split")  # one line now, not a traceback after the loop
     loader = build_eval_loader(data_cfg, split, art.tokenizer, batch_size, num_workers,
                                rank=acc.process_index, world_size=acc.num_processes, modalities=art.modalities)
-    modes = art.modes
-    scores = EvalScores(list(art.model.names), read_temperatures(Path(model_dir)), fit=False)
+    scores = EvalScores(list(art.model.names), {} if fit else read_temperatures(Path(model_dir)), fit=fit)
     res = evaluate(art.model, loader, acc, art.labels,
-                   dummy_batch(art.tokenizer, data_cfg.image_size, art.modalities), modes=modes, calibration=scores)
+                   dummy_batch(art.tokenizer, data_cfg.image_size, art.modalities), modes=art.modes,
+                   calibration=scores)
+    return art, res, scores, acc
+
+
+def calibrate_artifact(model_dir: str, data_root: str, split: str = "val", batch_size: int = 64,
+                       num_workers: int = 0, label_key: Optional[str] = None) -> Dict:
+    """Fit the temperatures of ``best/`` on ``split`` and write ``best/calibration.json`` (what training does when
+    it finishes; for an artifact exported before calibration existed, or from a run stopped before its end)."""
+    _, res, _, acc = _split_run(model_dir, data_root, split, batch_size, num_workers, label_key, fit=True)
+    fitted = res["calibration"]["fit"]
+    if acc.is_main_process:
+        path = write_calibration(Path(model_dir), fitted, split)
+        print(f"{'inputs':<16}{'samples':>9}{'temperature':>13}{'ECE before':>12}{'ECE after':>11}")
+        for mode, v in fitted.items():
+            print(f"{mode:<16}{v['num_samples']:>9d}{v['temperature']:>13.3f}{v['ece_before']:>12.4f}"
+                  f"{v['ece_after']:>11.4f}")
+        print(f"wrote {path}", flush=True)
+    return fitted
+
+
+def evaluate_artifact(model_dir: str, data_root: str, split: str = "test", batch_size: int = 64,
+                      num_workers: int = 0, out: Optional[str] = None, label_key: Optional[str] = None,
+                      target_precision: Optional[float] = None) -> Dict:
+    """Metrics per mode of ``best/`` on a packed split, the calibration of its scores (ECE before / after the
+    temperatures in ``best/calibration.json``, by input combination), the fused model's coverage at precision
+    0.90 / 0.95 / 0.99 and, with ``target_precision``, the score threshold that reaches it on this split."""
+    art, res, scores, acc = _split_run(model_dir, data_root, split, batch_size, num_workers, label_key, fit=False)
+    modes = art.modes
     report = {m: summary(res[m]) for m in modes}
     report["calibration"] = {k: res["calibration"][k] for k in ("temperatures", "by_input", "coverage_at_precision")}
     if target_precision is not None:
@@ -86,4 +112,9 @@ def evaluate_artifact(model_dir: str, data_root: str, split: str = "test", batch
 def evaluate_cli(args: argparse.Namespace) -> int:
     evaluate_artifact(args.model, args.data, args.split, args.batch_size, args.num_workers, args.out,
                       label_key=args.label_key, target_precision=args.target_precision)
+    return 0
+
+
+def calibrate_cli(args: argparse.Namespace) -> int:
+    calibrate_artifact(args.model, args.data, args.split, args.batch_size, args.num_workers, label_key=args.label_key)
     return 0

@@ -160,3 +160,18 @@ def test_eval_threshold_for_a_target_precision_reaches_it_through_the_api(baseli
     bad = run(mmcat_cmd("eval", "--model", str(best), "--data", str(tiny_packed_dataset), "--target-precision",
                         "1.5"), check=False)
     assert bad.returncode == 2 and "must be in (0, 1]" in bad.stderr
+
+
+def test_calibrate_command_refits_what_training_wrote(baseline_run, tiny_packed_dataset, tmp_path):
+    """``mmcat calibrate`` (for artifacts from before calibration, or runs stopped before their end) fits the same
+    temperatures on the same split as training did."""
+    best = tmp_path / "best"
+    shutil.copytree(baseline_run / "best", best)
+    (best / "calibration.json").unlink()
+    proc = run(mmcat_cmd("calibrate", "--model", str(best), "--data", str(tiny_packed_dataset)))
+    assert "wrote" in proc.stdout
+    got = json.loads((best / "calibration.json").read_text())
+    want = json.loads((baseline_run / "best" / "calibration.json").read_text())
+    assert got["split"] == "val" and set(got["fit"]) == set(want["fit"])
+    for mode in want["fit"]:
+        assert got["fit"][mode] == pytest.approx(want["fit"][mode], abs=1e-6)
