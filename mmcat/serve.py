@@ -142,11 +142,30 @@ def _with_options(p: Prediction, top_k: int, min_score: Optional[float]) -> Pred
     return replace(p, label=None if abstain else p.label, top_k=p.top_k[:top_k], abstain=abstain)
 
 
+class Arrivals:
+    """Predict requests accepted whose products are not queued yet (body arriving, photo decoding). The batcher
+    waits for more products only while some are on their way, so a lone request is not held back for nothing."""
+
+    KEY = "mmcat.arriving"  # set in the request's scope while it counts
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def start(self, scope: Dict[str, Any]) -> None:
+        self.count += 1
+        scope[self.KEY] = True
+
+    def done(self, scope: Dict[str, Any]) -> None:
+        if scope.pop(self.KEY, False):
+            self.count -= 1
+
+
 class MicroBatcher:
     """One queue, one collecting task, one inference thread: concurrent products share a forward pass."""
 
     def __init__(self, clf: Classifier, max_batch: int, max_wait_ms: float, stats: Stats) -> None:
         self.clf, self.max_batch, self.max_wait, self.stats = clf, int(max_batch), float(max_wait_ms) / 1000.0, stats
+        self.arrivals = Arrivals()
         self.queue: Optional[asyncio.Queue] = None
         self.task: Optional[asyncio.Task] = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="mmcat-infer")  # one forward at a time
@@ -170,7 +189,10 @@ class MicroBatcher:
                 job.future.set_exception(HTTPException(503, "the server is shutting down"))
         self.executor.shutdown(wait=True)
 
-    async def predict(self, prepared: Sequence[Prepared], top_k: int, min_score: Optional[float]) -> List[Prediction]:
+    async def predict(self, scope: Dict[str, Any], prepared: Sequence[Prepared], top_k: int,
+                      min_score: Optional[float]) -> List[Prediction]:
+        """The predictions of one request's products (``scope``: the request's, no longer arriving once queued)."""
+        self.arrivals.done(scope)
         if not self.alive:
             raise HTTPException(503, "the prediction worker is not running")
         loop = asyncio.get_running_loop()
@@ -199,7 +221,8 @@ class MicroBatcher:
                     job.future.set_result(p)
 
     async def _collect(self) -> List[_Job]:
-        """The first waiting job, then more until max_batch or max_wait after the first."""
+        """The first waiting job, then more until max_batch, or max_wait after the first, or nothing else is on its
+        way (a request alone is not held back: at concurrency 1 batching costs no latency)."""
         batch = [await self.queue.get()]
         deadline = asyncio.get_running_loop().time() + self.max_wait
         while len(batch) < self.max_batch:
@@ -207,7 +230,7 @@ class MicroBatcher:
                 batch.append(self.queue.get_nowait())
                 continue
             remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
+            if remaining <= 0 or not self.arrivals.count:
                 break
             try:
                 batch.append(await asyncio.wait_for(self.queue.get(), remaining))
@@ -245,13 +268,17 @@ class RequestGuard:
     counted as they arrive -- and counts every request for ``/metrics``."""
 
     def __init__(self, app: Any, limits: Mapping[str, int], content_types: Mapping[str, Tuple[str, ...]],
-                 stats: Stats) -> None:
+                 stats: Stats, arrivals: Arrivals) -> None:
         self.app, self.limits, self.types, self.stats = app, dict(limits), dict(content_types), stats
+        self.arrivals = arrivals
 
     async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), [500]
+        timed = scope["path"] in self.limits and scope["method"] == "POST"  # a predict request
+        if timed:
+            self.arrivals.start(scope)
 
         async def send_counted(message: Dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -261,7 +288,7 @@ class RequestGuard:
         try:
             await self._guarded(scope, receive, send_counted)
         finally:
-            timed = scope["path"] in self.limits and scope["method"] == "POST"
+            self.arrivals.done(scope)
             self.stats.request(status[0], time.perf_counter() - start if timed else None)
 
     async def _guarded(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
@@ -434,7 +461,8 @@ def create_app(clf: Classifier, max_batch: int = MAX_BATCH, max_wait_ms: float =
     app.add_exception_handler(Exception, _internal_error)
     app.add_middleware(RequestGuard, limits={"/predict": max_image_bytes + FORM_OVERHEAD,
                                              "/predict/batch": int(max_request_bytes)},
-                       content_types={"/predict": FORM_TYPES, "/predict/batch": JSON_TYPES}, stats=service.stats)
+                       content_types={"/predict": FORM_TYPES, "/predict/batch": JSON_TYPES}, stats=service.stats,
+                       arrivals=service.batcher.arrivals)
     _add_routes(app, service, int(max_items))
     return app
 
@@ -467,12 +495,12 @@ def _add_routes(app: FastAPI, service: _Service, max_items: int) -> None:
             data = None
         product = {"image": data, "title": title, "description": description, "attributes": _attributes(attributes)}
         prepared = await service.prepare(product)
-        [p] = await service.batcher.predict([prepared], *service.options(top_k, min_score))
+        [p] = await service.batcher.predict(request.scope, [prepared], *service.options(top_k, min_score))
         return p.as_dict()
 
     @app.post("/predict/batch", response_model=BatchResponse, responses=errors,
               summary="several products (JSON, photos base64); one request, micro-batched with the others")
-    async def predict_batch(body: BatchRequest) -> Dict[str, Any]:
+    async def predict_batch(request: Request, body: BatchRequest) -> Dict[str, Any]:
         if len(body.items) > max_items:
             raise HTTPException(422, f"items: {len(body.items)} products, at most {max_items} per request")
         products = [{"image": item.image_b64, "title": item.title, "description": item.description,
@@ -482,7 +510,8 @@ def _add_routes(app: FastAPI, service: _Service, max_items: int) -> None:
         for r in results:  # the first bad item (in order) answers for the request
             if isinstance(r, BaseException):
                 raise r
-        predictions = await service.batcher.predict(results, *service.options(body.top_k, body.min_score))
+        predictions = await service.batcher.predict(request.scope, results,
+                                                    *service.options(body.top_k, body.min_score))
         return {"predictions": [p.as_dict() for p in predictions]}
 
     @app.get("/labels", summary="the categories, in the model's order")
@@ -498,6 +527,7 @@ def _add_routes(app: FastAPI, service: _Service, max_items: int) -> None:
     async def metrics() -> Dict[str, Any]:
         out = service.stats.as_dict()
         out["queue"] = service.batcher.queue.qsize() if service.batcher.queue is not None else 0
+        out["arriving"] = service.batcher.arrivals.count
         return out
 
 

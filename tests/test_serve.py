@@ -20,7 +20,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import httpx
 import pytest
@@ -182,6 +182,7 @@ def test_concurrent_answers_equal_the_python_api(server, products, clf):
     assert sum(k * v for k, v in sizes.items()) == metrics["items_predicted"] >= 200
     assert metrics["requests"]["by_status"]["200"] >= 200
     assert 0 < metrics["latency_ms"]["p50"] <= metrics["latency_ms"]["p95"]
+    assert metrics["queue"] == metrics["arriving"] == 0  # every request left the books when it was answered
 
 
 def test_batch_endpoint_equals_single_endpoint(server, products):
