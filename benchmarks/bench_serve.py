@@ -146,7 +146,7 @@ def measure(server: Server, products: Sequence[Dict], n: int, concurrency: int) 
     lat = sorted(asyncio.run(_load(server.url, products, n, concurrency)))
     wall = time.perf_counter() - t
     b1, i1 = server.batches()
-    return {"rps": n / wall, "p50": 1000 * lat[len(lat) // 2], "p95": 1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))],
+    return {"rps": n / wall, "p50": 1000 * lat[len(lat) // 2], "p95": 1000 * lat[int(0.95 * (len(lat) - 1))],
             "batch": (i1 - i0) / max(1, b1 - b0)}
 
 
@@ -170,8 +170,9 @@ def main() -> None:
     table, model = prepare(work, args.model)
     products = load_products(table)
     levels = [int(c) for c in args.concurrency.split(",")]
+    threads = args.threads or os.environ.get("OMP_NUM_THREADS", "unset")
     print(f"model {model} (ready in {time.perf_counter() - t:.0f} s); {len(products)} products, photos 256-512 px; "
-          f"cpus={os.cpu_count()} device={args.device} OMP_NUM_THREADS={args.threads or os.environ.get('OMP_NUM_THREADS', 'unset')}")
+          f"cpus={os.cpu_count()} device={args.device} OMP_NUM_THREADS={threads}")
     servers = {name: Server(name, model, args.device, args.threads, work / f"serve-{name}.log") for name in SETTINGS}
     try:
         for s in servers.values():

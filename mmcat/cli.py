@@ -60,10 +60,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from mmcat.serve import serve
+    try:
+        from mmcat.serve import serve
+    except ImportError as exc:
+        if exc.name not in ("fastapi", "uvicorn", "pydantic", "starlette"):
+            raise
+        raise ConfigError(f"mmcat serve needs the serve extra ({exc.name} is missing): pip install 'mmcat[serve]'") \
+            from None
 
     serve(args.model, host=args.host, port=args.port, device=args.device, max_image_bytes=args.max_image_bytes,
-          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, top_k=args.top_k, min_score=args.min_score)
+          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, top_k=args.top_k, min_score=args.min_score,
+          max_request_bytes=args.max_request_bytes)
     return 0
 
 
@@ -227,6 +234,8 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
     p.add_argument("--max-image-bytes", dest="max_image_bytes", type=_size, default="10MB",
                    help="largest photo upload, e.g. 10MB; bigger bodies are refused while they arrive (413)")
+    p.add_argument("--max-request-bytes", dest="max_request_bytes", type=_size, default="64MB",
+                   help="largest /predict/batch body (JSON, photos base64)")
     p.add_argument("--max-batch", dest="max_batch", type=_at_least(1), default=32,
                    help="most products in one forward pass (1: micro-batching off)")
     p.add_argument("--max-wait-ms", dest="max_wait_ms", type=_non_negative, default=5.0,

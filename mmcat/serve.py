@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import logging
 import os
 import signal
@@ -34,12 +35,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
 
 from mmcat.classifier import Classifier, Prediction, Prepared
 
@@ -55,6 +54,7 @@ LATENCY_WINDOW = 10_000  # the latency percentiles are over the last this many p
 FORM_FIELDS = ("image", "title", "description", "attributes", "min_score", "top_k")
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 JSON_TYPES = ("application/json",)
+LIMIT_FLAGS = {"/predict": "--max-image-bytes plus 1 MiB for the form fields", "/predict/batch": "--max-request-bytes"}
 TOO_LARGE = ("image_too_large", "image_file_too_large")  # ImageError reasons answered 413; the others are 400
 
 
@@ -262,6 +262,11 @@ async def _no_body() -> Dict[str, Any]:  # pragma: no cover - JSONResponse does 
     return {"type": "http.disconnect"}
 
 
+def _header(scope: Dict[str, Any], name: bytes) -> str:
+    """A request header's value ('' when absent); ASGI gives the names lower-cased."""
+    return next((v.decode("latin-1") for k, v in scope["headers"] if k == name), "")
+
+
 class RequestGuard:
     """Pure ASGI middleware in front of the app: refuses a POST with the wrong content type (415) or a body over
     its route's limit (413) without reading it -- Content-Length checked up front, the bytes of a chunked upload
@@ -295,15 +300,15 @@ class RequestGuard:
         path = scope["path"]
         if scope["method"] != "POST" or path not in self.limits:
             return await self.app(scope, receive, send)
-        headers, limit = Headers(scope=scope), self.limits[path]
-        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        limit = self.limits[path]
+        ctype = _header(scope, b"content-type").split(";")[0].strip().lower()
         if ctype not in self.types[path]:
             return await _send_json(send, 415, f"{path} takes {' or '.join(self.types[path])}, not "
                                                f"{ctype or 'a body without Content-Type'}")
-        length = headers.get("content-length", "")
+        length = _header(scope, b"content-length").strip()
         if length.isdigit() and int(length) > limit:
             return await _send_json(send, 413, f"request body of {int(length)} bytes is over the {limit} bytes "
-                                               f"{path} accepts")
+                                               f"{path} accepts ({LIMIT_FLAGS[path]})")
         received = 0
 
         async def limited_receive() -> Dict[str, Any]:
@@ -312,8 +317,8 @@ class RequestGuard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge(f"request body over the {limit} bytes {path} accepts (stopped reading "
-                                       f"at {received} bytes)")
+                    raise BodyTooLarge(f"request body over the {limit} bytes {path} accepts ({LIMIT_FLAGS[path]}; "
+                                       f"stopped reading at {received} bytes)")
             return message
 
         started = [False]
@@ -413,8 +418,6 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _attributes(text: Optional[str]) -> Optional[Dict[str, Any]]:
-    import json
-
     if text is None or not text.strip():
         return None
     try:
@@ -544,7 +547,8 @@ def _pil_limit_off() -> None:
 # ---------------------------------------------------------------------------------------------- the command
 def serve(model_dir: Union[str, Path], host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
           max_image_bytes: int = MAX_IMAGE_BYTES, max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS,
-          top_k: int = 3, min_score: Optional[float] = None, log_level: str = "info", **app_options: Any) -> None:
+          top_k: int = 3, min_score: Optional[float] = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+          log_level: str = "info", **app_options: Any) -> None:
     """Load ``model_dir`` and serve it with uvicorn until SIGINT / SIGTERM (then a graceful shutdown: requests in
     flight are answered, the batcher is cancelled, and this returns). The port is bound before the model loads, so
     a busy port fails at once, with one line."""
@@ -555,13 +559,13 @@ def serve(model_dir: Union[str, Path], host: str = "127.0.0.1", port: int = 8000
     try:
         clf = Classifier.load(model_dir, device=device, max_image_bytes=max_image_bytes)
         app = create_app(clf, max_batch, max_wait_ms, max_image_bytes, top_k=top_k, min_score=min_score,
-                         **app_options)
+                         max_request_bytes=max_request_bytes, **app_options)
         bound = sock.getsockname()
         print(f"mmcat serve: {model_dir} on http://{host}:{bound[1]} (device {clf.device}, {len(clf.labels)} labels, "
               f"{'+'.join(clf.modalities)}; micro-batches of up to {max_batch} within {max_wait_ms:g} ms)",
               flush=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=30))
-        with _signals_end_cleanly():
+        with _signals_end_cleanly(server):
             server.run(sockets=[sock])
     finally:
         sock.close()
@@ -595,17 +599,23 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    sock.set_inheritable(True)
     return sock
 
 
 class _signals_end_cleanly:
     """uvicorn turns SIGINT / SIGTERM into a graceful shutdown and then re-raises the signal with the handler that
-    was there before it started; a no-op one there makes the command exit 0 after the clean shutdown (instead of
-    dying of the re-raised signal), as a service manager expects of a server it stopped."""
+    was there before it started. The handler put there only asks the server to stop (which covers a signal in the
+    instant before uvicorn takes over), so the re-raise ends nothing and the command exits 0 after the clean
+    shutdown instead of dying of the signal, as a service manager expects of a server it stopped."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def _stop(self, *_: Any) -> None:
+        self.server.should_exit = True
 
     def __enter__(self) -> None:
-        self.saved = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.saved = {s: signal.signal(s, self._stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def __exit__(self, *exc: Any) -> None:
         for s, handler in self.saved.items():
