@@ -59,21 +59,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return evaluate_cli(args)
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        from mmcat.serve import serve
-    except ImportError as exc:
-        if exc.name not in ("fastapi", "uvicorn", "pydantic", "starlette"):
-            raise
-        raise ConfigError(f"mmcat serve needs the serve extra ({exc.name} is missing): pip install 'mmcat[serve]'") \
-            from None
-
-    serve(args.model, host=args.host, port=args.port, device=args.device, max_image_bytes=args.max_image_bytes,
-          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, top_k=args.top_k, min_score=args.min_score,
-          max_request_bytes=args.max_request_bytes)
-    return 0
-
-
 def _cmd_configs_list(args: argparse.Namespace) -> int:
     from mmcat.shipped import describe, shipped_files
 
@@ -112,35 +97,6 @@ def _at_least(low: int):
 
     parse.__name__ = "int"  # argparse names the type in its message for a non-number: "invalid int value"
     return parse
-
-
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def _size(text: str) -> int:
-    """argparse type: a byte count such as 10MB, 512KiB or 1000000."""
-    import re
-
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = m.group(2).lower() if m else None
-    if unit not in _SIZE_UNITS or float(m.group(1)) * _SIZE_UNITS[unit] < 1:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 10MB, 512KiB, 1000000)")
-    return int(float(m.group(1)) * _SIZE_UNITS[unit])
-
-
-def _probability(text: str) -> float:
-    """argparse type: a float in [0, 1]."""
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {value}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def _flag_overrides(args: argparse.Namespace, names: tuple) -> List[str]:
@@ -226,6 +182,50 @@ def _add_configs_parser(sub) -> None:
     a.set_defaults(func=_cmd_configs_copy)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from mmcat.serve import serve
+    except ImportError as exc:
+        if exc.name not in ("fastapi", "uvicorn", "pydantic", "starlette"):
+            raise
+        raise ConfigError(f"mmcat serve needs the serve extra ({exc.name} is missing): pip install 'mmcat[serve]'") \
+            from None
+
+    serve(args.model, host=args.host, port=args.port, device=args.device, max_image_bytes=args.max_image_bytes,
+          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, top_k=args.top_k, min_score=args.min_score,
+          max_request_bytes=args.max_request_bytes)
+    return 0
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _size(text: str) -> int:
+    """argparse type: a byte count such as 10MB, 512KiB or 1000000."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if unit not in _SIZE_UNITS or float(m.group(1)) * _SIZE_UNITS[unit] < 1:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 10MB, 512KiB, 1000000)")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def _score_threshold(text: str) -> float:
+    """argparse type: a score threshold in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a trained model over HTTP (FastAPI, micro-batched; /docs for the API)")
     p.add_argument("--model", required=True, help="artifact dir (RUN_DIR/best)")
@@ -241,7 +241,7 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--max-wait-ms", dest="max_wait_ms", type=_non_negative, default=5.0,
                    help="how long a batch waits for more products after its first")
     p.add_argument("--top-k", dest="top_k", type=_at_least(1), default=3, help="labels listed per product")
-    p.add_argument("--min-score", dest="min_score", type=_probability,
+    p.add_argument("--min-score", dest="min_score", type=_score_threshold,
                    help="abstain (no label) under this calibrated score; a request may set its own")
     p.set_defaults(func=_cmd_serve)
 
