@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_calibrate)
 
     _add_configs_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 
@@ -209,6 +210,70 @@ def _add_configs_parser(sub) -> None:
     a.add_argument("dest", help="a folder, or a file path with the same suffix")
     a.add_argument("--force", action="store_true", help="overwrite existing files")
     a.set_defaults(func=_cmd_configs_copy)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from mmcat.serve import serve
+    except ImportError as exc:
+        if exc.name not in ("fastapi", "uvicorn", "pydantic", "starlette"):
+            raise
+        raise ConfigError(f"mmcat serve needs the serve extra ({exc.name} is missing): pip install 'mmcat[serve]'") \
+            from None
+
+    serve(args.model, host=args.host, port=args.port, device=args.device, max_image_bytes=args.max_image_bytes,
+          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, top_k=args.top_k, min_score=args.min_score,
+          max_request_bytes=args.max_request_bytes)
+    return 0
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _size(text: str) -> int:
+    """argparse type: a byte count such as 10MB, 512KiB or 1000000."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if unit not in _SIZE_UNITS or float(m.group(1)) * _SIZE_UNITS[unit] < 1:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 10MB, 512KiB, 1000000)")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def _score_threshold(text: str) -> float:
+    """argparse type: a score threshold in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a trained model over HTTP (FastAPI, micro-batched; /docs for the API)")
+    p.add_argument("--model", required=True, help="artifact dir (RUN_DIR/best)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=_at_least(0), default=8000)
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
+    p.add_argument("--max-image-bytes", dest="max_image_bytes", type=_size, default="10MB",
+                   help="largest photo upload, e.g. 10MB; bigger bodies are refused while they arrive (413)")
+    p.add_argument("--max-request-bytes", dest="max_request_bytes", type=_size, default="64MB",
+                   help="largest /predict/batch body (JSON, photos base64)")
+    p.add_argument("--max-batch", dest="max_batch", type=_at_least(1), default=32,
+                   help="most products in one forward pass (1: micro-batching off)")
+    p.add_argument("--max-wait-ms", dest="max_wait_ms", type=_non_negative, default=5.0,
+                   help="how long a batch waits for more products after its first")
+    p.add_argument("--top-k", dest="top_k", type=_at_least(1), default=3, help="labels listed per product")
+    p.add_argument("--min-score", dest="min_score", type=_score_threshold,
+                   help="abstain (no label) under this calibrated score; a request may set its own")
+    p.set_defaults(func=_cmd_serve)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
