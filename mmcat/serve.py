@@ -441,7 +441,6 @@ def create_app(clf: Classifier, max_batch: int = MAX_BATCH, max_wait_ms: float =
         raise ValueError("max_batch, max_image_bytes, max_items and top_k must be >= 1, max_wait_ms >= 0")
     if min_score is not None and not 0.0 <= min_score <= 1.0:
         raise ValueError(f"min_score must be within [0, 1], got {min_score}")
-    _pil_limit_off()
     service = _Service(clf, max_batch, max_wait_ms, max_image_bytes, top_k, min_score,
                        decode_threads or min(4, os.cpu_count() or 1))
 
@@ -532,16 +531,6 @@ def _add_routes(app: FastAPI, service: _Service, max_items: int) -> None:
         out["queue"] = service.batcher.queue.qsize() if service.batcher.queue is not None else 0
         out["arriving"] = service.batcher.arrivals.count
         return out
-
-
-def _pil_limit_off() -> None:
-    """PIL's global decompression-bomb limit off for this process: every upload gets mmcat's own pixel check from
-    the header (``decode_photo``'s max_pixels) instead. ``mmcat.pack.images`` swaps the global around each header
-    read, which is not thread-safe: with the decode threads of a server, one thread could restore it while another
-    reads, and a bomb would come back as undecodable instead of too large."""
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = None
 
 
 # ---------------------------------------------------------------------------------------------- the command

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,8 +56,13 @@ class ProcessedImage:
     notes: List[str] = field(default_factory=list)  # conversions applied: grayscale, cmyk, alpha_composited, ...
 
 
+_PIL_GLOBALS = threading.Lock()  # PIL's pixel limit and the warning filters are process-wide: the server's decode
+# threads read headers concurrently, and one thread restoring the limit while another opens a file would let PIL's
+# own check turn a bomb into "undecodable" instead of mmcat's "too large"
+
+
 def _header(data: bytes, max_pixels: int) -> Tuple[Image.Image, int, int]:
-    with warnings.catch_warnings():
+    with _PIL_GLOBALS, warnings.catch_warnings():
         # our own limit replaces PIL's global one (which warns, or raises at 2x, depending on size)
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         saved = Image.MAX_IMAGE_PIXELS
