@@ -111,7 +111,8 @@ class TableInput:
         values, problem = record
         label = (values.get(self.label_column, "").strip() or None) if self.labelled else None
         if problem is not None:
-            return Item(values[self.id_column], label, False, Prepared(None, None, {}, error=f"row not read: {problem}"))
+            unread = Prepared(None, None, {}, error=f"row not read: {problem}")
+            return Item(values[self.id_column], label, False, unread)
         rel = values[self.image_column].strip()
         image = str(self.images_root / rel) if rel else None  # as mmcat pack's build_plan resolves it
         attributes = ({c: values[c].strip() or None for c in self.attribute_columns}
@@ -371,7 +372,8 @@ class Tally:
 
         lines = [format_table({"fused": metrics}, title=title)] if metrics else []
         if self.unknown_rows:
-            names = ", ".join(sorted(self.unknown)) + (", ..." if self.unknown_rows > sum(self.unknown.values()) else "")
+            more = self.unknown_rows > sum(self.unknown.values())  # names past UNKNOWN_NAMES_KEPT
+            names = ", ".join(sorted(self.unknown)) + (", ..." if more else "")
             lines.append(f"{self.unknown_rows} row(s) with a label the model does not know ({names}): "
                          f"left out of the metrics")
         if self.unlabelled and (metrics or self.unknown_rows):

@@ -142,20 +142,19 @@ def api_kwargs(row: Dict[str, str], images_root: Path) -> Dict:
 
 
 # ------------------------------------------------------------------------------------------------- on shards
-def test_predict_on_packed_shards_equals_mmcat_eval(best, tiny_packed_dataset, tmp_path):
+def test_predict_on_packed_shards_equals_mmcat_eval(best, clf, tiny_packed_dataset, tmp_path, capsys):
     """Same metrics table numbers (fused row) as `mmcat eval --split test`, and every sample's label is the argmax
     of eval's own loader + forward for that sample key."""
-    from mmcat.artifact import load_artifact
     from mmcat.data import build_eval_loader
     from mmcat.models.fusion import forward_batch
+    from mmcat.predict_table import predict_file
 
     out = tmp_path / "preds.csv"
     ev = run(mmcat_cmd("eval", "--model", str(best), "--data", str(tiny_packed_dataset), "--split", "test"))
-    pr = run(mmcat_cmd("predict", "--model", str(best), str(tiny_packed_dataset), "--split", "test",
-                       "--out", str(out), "--batch-size", "5"))
-    assert table_row(pr.stdout, "fused") == table_row(ev.stdout, "fused")
+    predict_file(clf, tiny_packed_dataset, out, split="test", batch_size=5)
+    assert table_row(capsys.readouterr().out, "fused") == table_row(ev.stdout, "fused")
 
-    art = load_artifact(best)
+    art = clf.artifact
     loader = build_eval_loader(art.data_config(str(tiny_packed_dataset)), "test", art.tokenizer, 7, 0,
                                modalities=art.modalities)
     expected: Dict[str, str] = {}
@@ -169,12 +168,12 @@ def test_predict_on_packed_shards_equals_mmcat_eval(best, tiny_packed_dataset, t
     assert got == {id_of[k]: label for k, label in expected.items()}
 
 
-def test_shard_pattern_input_reads_the_same_samples(best, tiny_packed_dataset, tmp_path):
+def test_shard_pattern_input_reads_the_same_samples(clf, tiny_packed_dataset, tmp_path):
     from mmcat.predict_table import predict_file
 
     pattern = str(tiny_packed_dataset / "test" / "shard-{000000..000000}.tar")
-    by_dir = predict_file(best, tiny_packed_dataset, tmp_path / "a.jsonl", split="test", quiet=True)
-    by_pattern = predict_file(best, pattern, tmp_path / "b.jsonl", quiet=True)
+    by_dir = predict_file(clf, tiny_packed_dataset, tmp_path / "a.jsonl", split="test", quiet=True)
+    by_pattern = predict_file(clf, pattern, tmp_path / "b.jsonl", quiet=True)
     a, b = read_out(tmp_path / "a.jsonl"), read_out(tmp_path / "b.jsonl")  # the test split has one shard
     assert by_dir["rows"] == len(a) > 0 and b == a
     assert by_pattern["metrics"] == by_dir["metrics"] and by_dir["metrics"]["num_samples"] == len(a)
@@ -247,6 +246,34 @@ def test_csv_jsonl_parquet_hold_the_same_rows(clf, mixed, tmp_path):
         assert summary["rows"] == len(got[ext]) == len(mixed["rows"])
     assert got["csv"] == got["jsonl"] == got["parquet"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv", "p.jsonl", "p.parquet"]  # no temp files left
+
+
+def test_jsonl_and_parquet_tables_give_the_rows_of_the_csv(clf, mixed, mixed_run, tmp_path):
+    """The same table as JSON Lines (with a line that is not JSON planted after row 3) and as Parquet: the same
+    output rows as from the CSV; the broken line is an error row in its place and the run goes on."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmcat.predict_table import predict_file
+
+    lines = [json.dumps(r) for r in mixed["rows"]]
+    (tmp_path / "t.jsonl").write_text("\n".join(lines[:3] + ["{not json"] + lines[3:]) + "\n")
+    pq.write_table(pa.Table.from_pylist(mixed["rows"]), tmp_path / "t.parquet", row_group_size=50)
+    for name in ("t.jsonl", "t.parquet"):
+        predict_file(clf, tmp_path / name, tmp_path / f"{name}.out.jsonl", images_root=mixed["images_root"],
+                     batch_size=16, quiet=True)
+    from_jsonl, from_parquet = (read_out(tmp_path / f"{n}.out.jsonl") for n in ("t.jsonl", "t.parquet"))
+    assert from_parquet == mixed_run["rows"]
+    broken = from_jsonl.pop(3)
+    assert broken["label"] is None and broken["error"].startswith("row not read: line 4 is not valid JSON")
+    assert len(from_jsonl) == len(mixed_run["rows"])
+    for got, want in zip(from_jsonl, mixed_run["rows"]):  # batches shifted by one row: scores to float precision
+        scores = [(got[k], want[k]) for k in ("score",) if want[k] is not None]
+        scores += [(g["score"], w["score"]) for g, w in zip(got["top_k"], want["top_k"])]
+        assert all(math.isclose(g, w, abs_tol=1e-5) for g, w in scores), (got, want)
+        assert [t["label"] for t in got["top_k"]] == [t["label"] for t in want["top_k"]]
+        assert {k: v for k, v in got.items() if k not in ("score", "top_k")} == \
+            {k: v for k, v in want.items() if k not in ("score", "top_k")}
 
 
 def test_min_score_abstains_below_it(clf, mixed, mixed_run, tmp_path, capsys):
@@ -406,15 +433,14 @@ for table in tables:
 
 def test_memory_does_not_grow_with_the_input(best, tiny_raw_dataset, tmp_path):
     """Peak resident memory of a predict over 100 rows vs 1000 rows, one after the other in one process with the
-    peak reset in between. Each description ends in a 10 kB word (one [UNK] token: cheap to tokenize, heavy to
-    keep): a table read whole adds ~9 MB at 1000 rows, prepared rows kept ~15 MB (both measured); streaming adds
-    what the allocator keeps (1-2 MB, the same from 1500 to 4500 rows)."""
+    peak reset in between. Each id is 10 kB long (heavy to keep, free to predict): a table read whole adds ~10 MB
+    at 1000 rows, the rows kept until the end ~15 MB (both measured by planting them); streaming adds what the
+    allocator keeps, 0-1 MB (and a few MB at most over further runs, however large)."""
     base = read_rows(tiny_raw_dataset / "products.csv")
 
     def table(n: int) -> Path:
-        rows = [dict(base[i % len(base)], id=f"r{i:06d}", description=base[i % len(base)]["description"] + " " +
-                     "x" * 10_000) for i in range(n)]
-        return write_rows(tmp_path / f"t{n}.csv", rows)
+        return write_rows(tmp_path / f"t{n}.csv", [dict(base[i % len(base)], id=f"r{i:06d}-" + "x" * 10_000)
+                                                   for i in range(n)])
 
     small, big = table(100), table(1000)
     proc = subprocess.run([sys.executable, "-c", RSS_PROBE, str(best), str(tiny_raw_dataset), str(tmp_path / "o.csv"),
