@@ -310,14 +310,20 @@ def output_format(path: Path) -> str:
                           f"(use .csv, .jsonl or .parquet)") from None
 
 
+def _csv_cell(value: Any) -> str:
+    """Lists as JSON, booleans true/false (as in the JSON output), None empty, floats in full (repr reads back
+    exactly)."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
 def _csv_cells(row: Dict[str, Any]) -> List[str]:
-    """A CSV row: lists as JSON, booleans true/false, None empty, floats in full (repr: they read back exactly)."""
-    out = []
-    for col in COLUMNS:
-        v = row[col]
-        out.append("" if v is None else json.dumps(v, ensure_ascii=False) if isinstance(v, list) else
-                   ("true" if v else "false") if isinstance(v, bool) else repr(v) if isinstance(v, float) else str(v))
-    return out
+    return [_csv_cell(row[col]) for col in COLUMNS]
 
 
 def output_row(item: Item, p: Any) -> Dict[str, Any]:
@@ -378,6 +384,8 @@ class Tally:
                          f"left out of the metrics")
         if self.unlabelled and (metrics or self.unknown_rows):
             lines.append(f"{self.unlabelled} row(s) without a label: left out of the metrics")
+        if self.errors and metrics:
+            lines.append(f"{self.errors} row(s) with an error (no prediction): left out of the metrics")
         if self.not_counted:
             lines.append(f"{self.not_counted} sample(s) left out of the metrics as mmcat eval skips them (photo "
                          f"that does not decode, text that is not UTF-8); their predictions are in the output")
@@ -429,12 +437,8 @@ def predict_file(model: Any, input: Union[str, Path], out: Union[str, Path], fmt
     """Predict every row of ``input`` (a product table, a packed folder + ``split``, or a shard pattern) with
     ``model`` (an artifact folder, ``RUN/best``, or a loaded :class:`~mmcat.classifier.Classifier`) into ``out``
     (.csv, .jsonl or .parquet). Prints the metrics table when the input has labels (unless ``quiet``); returns a
-    summary. Bad settings raise ``ConfigError`` / ``DataError`` (one line) before anything is written."""
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    from mmcat.data.loader import iterate_batches
-
+    summary. Bad settings raise ``ConfigError`` / ``DataError`` (one line) before anything is written.
+    ``progress``: the tqdm bar on stderr (None: when stderr is a terminal)."""
     if batch_size < 1 or top_k < 1 or workers < 0:
         raise ConfigError("--batch-size and --top-k must be >= 1, --workers >= 0")
     if min_score is not None and not 0.0 <= min_score <= 1.0:
@@ -451,27 +455,38 @@ def predict_file(model: Any, input: Union[str, Path], out: Union[str, Path], fmt
     sink = Output(out)
     started = time.perf_counter()
     try:
-        if workers > 0:
-            import cv2
-
-            cv2.setNumThreads(1)  # a forked worker can deadlock on a copied OpenCV thread pool (as the loaders)
-        loader = DataLoader(Chunks(source, clf.preprocessor, batch_size), batch_size=None, collate_fn=_as_is,
-                            num_workers=workers, prefetch_factor=2 if workers else None)
-        bar = tqdm(total=source.total, unit="product", desc="predict", disable=(not progress) if progress is not None
-                   else None, file=sys.stderr)
-        with bar, iterate_batches(loader) as chunks:
-            for chunk in chunks:
-                predictions = clf.predict_prepared([item.prepared for item in chunk], top_k, min_score)
-                sink.write([output_row(item, p) for item, p in zip(chunk, predictions)])
-                for item, p in zip(chunk, predictions):
-                    tally.add(item, p)
-                bar.update(len(chunk))
+        _run(clf, source, sink, tally, batch_size, workers, top_k, min_score, progress)
         sink.commit()
     except BaseException:
         sink.abort()
         raise
     seconds = time.perf_counter() - started
     return _finish(tally, source, kind, clf, input, split, out, seconds, quiet)
+
+
+def _run(clf: Any, source: Any, sink: Output, tally: Tally, batch_size: int, workers: int, top_k: int,
+         min_score: Optional[float], progress: Optional[bool]) -> None:
+    """Prepared chunks (from ``workers`` processes, in input order) -> one forward each -> output and tally."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from mmcat.data.loader import iterate_batches
+
+    if workers > 0:
+        import cv2
+
+        cv2.setNumThreads(1)  # a forked worker can deadlock on a copied OpenCV thread pool (as the loaders)
+    loader = DataLoader(Chunks(source, clf.preprocessor, batch_size), batch_size=None, collate_fn=_as_is,
+                        num_workers=workers, prefetch_factor=2 if workers else None)
+    disable = None if progress is None else not progress  # None: tqdm shows it only on a terminal
+    with tqdm(total=source.total, unit="product", desc="predict", disable=disable, file=sys.stderr) as bar, \
+            iterate_batches(loader) as chunks:
+        for chunk in chunks:
+            predictions = clf.predict_prepared([item.prepared for item in chunk], top_k, min_score)
+            sink.write([output_row(item, p) for item, p in zip(chunk, predictions)])
+            for item, p in zip(chunk, predictions):
+                tally.add(item, p)
+            bar.update(len(chunk))
 
 
 def _finish(tally: Tally, source: Any, kind: str, clf: Any, input: Any, split: str, out: Any, seconds: float,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 import subprocess
 import sys
 from pathlib import Path
