@@ -59,17 +59,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return evaluate_cli(args)
 
 
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from mmcat.predict_table import predict_file
-
-    predict_file(args.model, args.input, args.out, fmt=args.format, images_root=args.images_root, top_k=args.top_k,
-                 batch_size=args.batch_size, device=args.device, min_score=args.min_score, workers=args.workers,
-                 split=args.split, id_column=args.id_column, image_column=args.image_column,
-                 text_columns=[c.strip() for c in args.text_columns.split(",") if c.strip()],
-                 label_column=args.label_column)
-    return 0
-
-
 def _cmd_configs_list(args: argparse.Namespace) -> int:
     from mmcat.shipped import describe, shipped_files
 
@@ -108,17 +97,6 @@ def _at_least(low: int):
 
     parse.__name__ = "int"  # argparse names the type in its message for a non-number: "invalid int value"
     return parse
-
-
-def _probability(text: str) -> float:
-    """argparse type: a float within 0..1."""
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be within 0..1, got {value}")
-    return value
-
-
-_probability.__name__ = "float"
 
 
 def _flag_overrides(args: argparse.Namespace, names: tuple) -> List[str]:
@@ -189,6 +167,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from mmcat.predict_table import predict_file
+
+    predict_file(args.model, args.input, args.out, fmt=args.format, images_root=args.images_root, top_k=args.top_k,
+                 batch_size=args.batch_size, device=args.device, min_score=args.min_score, workers=args.workers,
+                 split=args.split, id_column=args.id_column, image_column=args.image_column,
+                 text_columns=[c.strip() for c in args.text_columns.split(",") if c.strip()],
+                 label_column=args.label_column)
+    return 0
+
+
+def _min_score(text: str) -> float:
+    """argparse type of --min-score: a calibrated probability, 0..1."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within 0..1, got {value}")
+    return value
+
+
+_min_score.__name__ = "float"  # argparse names the type in its message for a non-number
+
+
 def _add_predict_parser(sub) -> None:
     from mmcat.config import PackConfig
 
@@ -205,7 +205,7 @@ def _add_predict_parser(sub) -> None:
     p.add_argument("--top-k", dest="top_k", type=_at_least(1), default=3, help="labels listed per row (default: 3)")
     p.add_argument("--batch-size", dest="batch_size", type=_at_least(1), default=64)
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
-    p.add_argument("--min-score", dest="min_score", type=_probability,
+    p.add_argument("--min-score", dest="min_score", type=_min_score,
                    help="abstain (no label) below this calibrated score; prints coverage and precision")
     p.add_argument("--workers", type=_at_least(0), default=0, help="photo-decoding processes (default: 0, in-process)")
     p.add_argument("--split", default="test", help="split of a packed dataset folder (default: test)")
