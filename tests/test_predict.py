@@ -60,10 +60,18 @@ def read_out(path: Path) -> List[Dict]:
 
 
 def table_row(stdout: str, mode: str) -> List[str]:
-    """The numbers of one mode's row in a printed metrics table (mmcat.metrics.format_table)."""
-    rows = [ln.split() for ln in stdout.splitlines() if ln.split()[:1] == [mode]]
+    """The numbers of one mode's row in the printed metrics table (mmcat.metrics.format_table: a header
+    `mode accuracy macro_f1 weighted_f1 samples`, then a row per mode; other tables may follow)."""
+    lines = [ln.split() for ln in stdout.splitlines()]
+    header = [i for i, words in enumerate(lines) if words == ["mode", "accuracy", "macro_f1", "weighted_f1", "samples"]]
+    assert len(header) == 1, stdout
+    rows = []
+    for words in lines[header[0] + 1:]:
+        if len(words) != 5:  # past the table
+            break
+        rows += [words[1:]] if words[0] == mode else []
     assert len(rows) == 1, stdout
-    return rows[0][1:]
+    return rows[0]
 
 
 def assert_same_prediction(got: Dict, want, where: str) -> None:
