@@ -75,12 +75,12 @@ class Prepared:
             [k for k, v in self.modalities.items() if v is not None]
 
 
-def join_text(title: Optional[str], description: Optional[str]) -> Optional[str]:
-    """Title and description as ``mmcat pack`` writes the ``txt`` member: each normalised, non-empty ones joined
-    by a newline; None when both are empty."""
+def join_text(*texts: Optional[str]) -> Optional[str]:
+    """Title and description (or any number of text columns) as ``mmcat pack`` writes the ``txt`` member: each
+    normalised, non-empty ones joined by a newline; None when all are empty."""
     from mmcat.pack.plan import normalize_text
 
-    parts = [normalize_text(str(t)) for t in (title, description) if t is not None]
+    parts = [normalize_text(str(t)) for t in texts if t is not None]
     return "\n".join(p for p in parts if p) or None
 
 
@@ -97,10 +97,11 @@ class Preprocessor:
 
     # ------------------------------------------------------------------------------------------ raw products
     def product(self, image: Optional[ImageInput] = None, title: Optional[str] = None,
-                description: Optional[str] = None, text: Optional[str] = None,
+                description: Optional[str] = None, text: Union[None, str, Sequence[Optional[str]]] = None,
                 attributes: Optional[Mapping[str, Any]] = None, **extra: Any) -> Prepared:
-        """``text`` (already joined) replaces title + description; ``extra``: values of plug-in modalities, by
-        name. A photo that cannot be used becomes a warning when another input is there, else the error."""
+        """``text`` (already joined, or a list of text fields joined like ``mmcat pack``'s ``--text-columns``)
+        replaces title + description; ``extra``: values of plug-in modalities, by name. A photo that cannot be used
+        becomes a warning when another input is there, else the error."""
         from mmcat.pack.images import ImageError
 
         known = {m.name for m in self.modalities}
@@ -115,7 +116,8 @@ class Preprocessor:
                 pixels = self.photo(image)
             except ImageError as exc:
                 warnings.append(f"image not used: {exc}")
-        text = join_text(title, description) if text is None else join_text(text, None)
+        text = join_text(title, description) if text is None else \
+            join_text(text) if isinstance(text, str) else join_text(*text)
         values = dict(extra, attributes=attributes) if attributes is not None else dict(extra)
         raw = {"json": json.dumps({k: v for k, v in values.items() if k != "id"}, default=str).encode()}
         prepared = Prepared(pixels, text, self._read_modalities(raw), warnings)

@@ -192,9 +192,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", dest="num_workers", type=_at_least(0), default=0)
     p.set_defaults(func=_cmd_calibrate)
 
+    _add_predict_parser(sub)
     _add_configs_parser(sub)
     _add_serve_parser(sub)
     return parser
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from mmcat.predict_table import predict_file
+
+    predict_file(args.model, args.input, args.out, fmt=args.format, images_root=args.images_root, top_k=args.top_k,
+                 batch_size=args.batch_size, device=args.device, min_score=args.min_score, workers=args.workers,
+                 split=args.split, id_column=args.id_column, image_column=args.image_column,
+                 text_columns=[c.strip() for c in args.text_columns.split(",") if c.strip()],
+                 label_column=args.label_column)
+    return 0
+
+
+def _min_score(text: str) -> float:
+    """argparse type of --min-score: a calibrated probability, 0..1."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within 0..1, got {value}")
+    return value
+
+
+_min_score.__name__ = "float"  # argparse names the type in its message for a non-number
+
+
+def _add_predict_parser(sub) -> None:
+    from mmcat.config import PackConfig
+
+    d = PackConfig()  # the table layout of mmcat pack, with its defaults
+    p = sub.add_parser("predict", help="categorise a product table or packed shards with a trained model (batch)")
+    p.add_argument("input", help="product table (.csv/.tsv, .jsonl, .parquet) in the pack layout, a packed "
+                   "dataset folder (with --split), or a shard pattern (/d/test/shard-{000000..000009}.tar)")
+    p.add_argument("--model", required=True, help="artifact dir (RUN_DIR/best)")
+    p.add_argument("--out", required=True, help="predictions: .csv, .jsonl or .parquet (missing folders are created)")
+    p.add_argument("--format", default="auto", choices=["auto", "csv", "jsonl", "parquet", "shards"],
+                   help="input format (default: from the extension; a folder or pattern: shards)")
+    p.add_argument("--images-root", dest="images_root", help="photo paths are relative to this (default: the "
+                   "table's folder)")
+    p.add_argument("--top-k", dest="top_k", type=_at_least(1), default=3, help="labels listed per row (default: 3)")
+    p.add_argument("--batch-size", dest="batch_size", type=_at_least(1), default=64)
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
+    p.add_argument("--min-score", dest="min_score", type=_min_score,
+                   help="abstain (no label) below this calibrated score; prints coverage and precision")
+    p.add_argument("--workers", type=_at_least(0), default=0, help="photo-decoding processes (default: 0, in-process)")
+    p.add_argument("--split", default="test", help="split of a packed dataset folder (default: test)")
+    p.add_argument("--id-column", dest="id_column", default=d.id_column, help=f"default: {d.id_column}")
+    p.add_argument("--image-column", dest="image_column", default=d.image_column, help=f"default: {d.image_column}")
+    p.add_argument("--text-columns", dest="text_columns", default=",".join(d.text_columns),
+                   help=f"comma-separated (default: {','.join(d.text_columns)})")
+    p.add_argument("--label-column", dest="label_column", default=d.label_column,
+                   help=f"optional; when present the metrics are printed (default: {d.label_column})")
+    p.set_defaults(func=_cmd_predict)
 
 
 def _add_configs_parser(sub) -> None:
