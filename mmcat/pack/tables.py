@@ -63,8 +63,8 @@ def _read_csv(path: Path) -> Table:
     return columns, rows, problems
 
 
-def _read_jsonl(path: Path) -> Table:
-    rows = []
+def _jsonl_objects(path: Path) -> Iterator[Tuple[Optional[Dict[str, Any]], Optional[str]]]:
+    """(object, None) per non-blank line of a JSON Lines file, or (None, why) for a line that is no JSON object."""
     with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -72,10 +72,17 @@ def _read_jsonl(path: Path) -> Table:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"input {path}: line {n} is not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise ConfigError(f"input {path}: line {n} is not a JSON object")
-            rows.append(obj)
+                yield None, f"line {n} is not valid JSON ({exc.msg})"
+                continue
+            yield (obj, None) if isinstance(obj, dict) else (None, f"line {n} is not a JSON object")
+
+
+def _read_jsonl(path: Path) -> Table:
+    rows = []
+    for obj, why in _jsonl_objects(path):
+        if why is not None:
+            raise ConfigError(f"input {path}: {why}")
+        rows.append(obj)
     columns: List[str] = []
     for r in rows:  # union of keys in first-seen order
         columns.extend(k for k in r if k not in columns)
@@ -212,16 +219,7 @@ class TableStream:
                 yield self._values(dict(zip(header, fields))), problem
 
     def _jsonl_records(self) -> Iterator[Tuple[Optional[Dict[str, Any]], Optional[str]]]:
-        with open(self.path, encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield None, f"line {n} is not valid JSON ({exc.msg})"
-                    continue
-                yield (obj, None) if isinstance(obj, dict) else (None, f"line {n} is not a JSON object")
+        return _jsonl_objects(self.path)
 
     def _jsonl_rows(self) -> Iterator[Row]:
         for record, problem in self._jsonl_records():
