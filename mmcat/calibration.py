@@ -235,16 +235,21 @@ class EvalScores:
                 "coverage_at_precision": coverage_table(*self.fused)}
 
 
+def ece_rows(by_input: Dict[str, Dict[str, float]]) -> List[str]:
+    """A header and one line per input combination: samples, temperature, ECE before / after."""
+    lines = [f"{'inputs':<16}{'samples':>9}{'temperature':>13}{'ECE before':>12}{'ECE after':>11}"]
+    for mode, v in by_input.items():
+        lines.append(f"{mode:<16}{v['num_samples']:>9d}{v['temperature']:>13.3f}{v['ece_before']:>12.4f}"
+                     f"{v['ece_after']:>11.4f}")
+    return lines
+
+
 def format_calibration(report: Dict[str, Any], split: str) -> str:
     """The calibration lines of ``mmcat eval``: ECE per input combination, coverage at precision, and the
     threshold for ``--target-precision``."""
     cal = report["calibration"]
     fitted = "fit on val" if cal["temperatures"] else "none fitted: scores at T = 1"
-    lines = [f"calibration (temperatures {fitted})",
-             f"{'inputs':<16}{'samples':>9}{'temperature':>13}{'ECE before':>12}{'ECE after':>11}"]
-    for mode, v in cal["by_input"].items():
-        lines.append(f"{mode:<16}{v['num_samples']:>9d}{v['temperature']:>13.3f}{v['ece_before']:>12.4f}"
-                     f"{v['ece_after']:>11.4f}")
+    lines = [f"calibration (temperatures {fitted})", *ece_rows(cal["by_input"])]
     cov = [f"{p}: {_coverage(v)}" for p, v in cal["coverage_at_precision"].items()]
     lines.append(f"fused coverage at precision  {'  '.join(cov)}")
     target = report.get("target_precision")

@@ -180,7 +180,7 @@ class Preprocessor:
 def _rgb_array(image: np.ndarray) -> np.ndarray:
     import cv2
 
-    from mmcat.pack.images import ImageError
+    from mmcat.pack.images import ImageError, _composite_on_white
 
     if image.dtype != np.uint8:
         raise ValueError(f"an image array must be uint8, got {image.dtype}")
@@ -189,8 +189,7 @@ def _rgb_array(image: np.ndarray) -> np.ndarray:
     if image.ndim == 3 and image.shape[2] == 3:
         return np.ascontiguousarray(image)
     if image.ndim == 3 and image.shape[2] == 4:  # RGBA: composite on white, as mmcat pack does
-        rgb, alpha = image[..., :3].astype(np.float32), image[..., 3:].astype(np.float32) / 255.0
-        return (rgb * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
+        return _composite_on_white(image)  # channel order does not matter to the blend
     raise ImageError("image_undecodable", f"array of shape {image.shape} (want HxW, HxWx3 RGB or HxWx4 RGBA)")
 
 

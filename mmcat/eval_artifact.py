@@ -12,8 +12,8 @@ from accelerate import Accelerator
 from omegaconf import OmegaConf
 
 from mmcat.artifact import load_artifact
-from mmcat.calibration import (EvalScores, format_calibration, read_temperatures, threshold_for_precision,
-                               write_calibration)
+from mmcat.calibration import (EvalScores, ece_rows, format_calibration, read_temperatures,
+                               threshold_for_precision, write_calibration)
 from mmcat.evaluation import dummy_batch, evaluate
 from mmcat.metrics import format_table, summary
 from mmcat.train.accel import multi_cpu_ddp, process_group_kwargs
@@ -76,11 +76,7 @@ def calibrate_artifact(model_dir: str, data_root: str, split: str = "val", batch
     fitted = res["calibration"]["fit"]
     if acc.is_main_process:
         path = write_calibration(Path(model_dir), fitted, split)
-        print(f"{'inputs':<16}{'samples':>9}{'temperature':>13}{'ECE before':>12}{'ECE after':>11}")
-        for mode, v in fitted.items():
-            print(f"{mode:<16}{v['num_samples']:>9d}{v['temperature']:>13.3f}{v['ece_before']:>12.4f}"
-                  f"{v['ece_after']:>11.4f}")
-        print(f"wrote {path}", flush=True)
+        print("\n".join(ece_rows(fitted)), f"wrote {path}", sep="\n", flush=True)
     return fitted
 
 
