@@ -139,6 +139,10 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"  # model selection (best/) and early stopping: required
     test_split: Optional[str] = "test"  # null: train without a test split (metrics.json then has no test section)
+    # where the val / test split's shards are when not in data.root (shards another tool wrote, one folder each):
+    # the same forms as data.root (a folder of .tar shards, a packed dir, brace patterns); null = data.root
+    val_root: Optional[str] = None
+    test_root: Optional[str] = None
     image_size: int = 224
     # random-resized-crop area range [min_crop_scale, 1]: ImageNet's 0.08 cuts most of a centred product away
     min_crop_scale: float = 0.35

@@ -4,7 +4,10 @@
 ``data.root`` is one or more comma-separated entries; each entry is either a packed directory
 (``<dir>/<split>/*.tar`` with ``sizes.json``, ``labels.json`` and ``manifest.json`` from ``mmcat pack``) or a shard
 pattern with braces or globs (``/d/{split}/shard-{000000..000009}.tar``; ``{split}`` is replaced by the split name),
-which is how shards written by other tools (img2dataset, ``webdataset.ShardWriter``) are read.
+or a folder that holds ``.tar`` shards itself (img2dataset's output folder), which is how shards written by other tools
+(img2dataset, ``webdataset.ShardWriter``) are read. Such a folder, like a pattern without ``{split}``, gives every
+split the same shards: ``data.val_root`` / ``data.test_root`` (same forms) name the val / test shards instead, and
+training refuses val or test shards that are train shards (:func:`check_data`).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import braceexpand
 import webdataset as wds
@@ -37,10 +40,29 @@ class ShardSource:
 
 
 def root_entries(data_cfg: Any) -> List[str]:
-    entries = [e.strip() for e in str(data_cfg.root).split(",") if e.strip()]
+    return _entries(str(data_cfg.root), "data.root")
+
+
+def _entries(value: str, setting: str) -> List[str]:
+    entries = [e.strip() for e in value.split(",") if e.strip()]
     if not entries:
-        raise DataError("data.root is empty: give a packed directory or a shard pattern")
+        raise DataError(f"{setting} is empty: give a packed directory, a folder of shards or a shard pattern")
     return entries
+
+
+def _setting(data_cfg: Any, key: str) -> Any:
+    """An optional data key (configs built before the key existed, e.g. by library callers, lack it)."""
+    return data_cfg.get(key) if hasattr(data_cfg, "get") else getattr(data_cfg, key, None)
+
+
+def split_root(data_cfg: Any, split: str) -> Tuple[str, List[str]]:
+    """The setting that holds ``split`` and its entries: ``data.val_root`` / ``data.test_root`` for the val / test
+    split when set (shards another tool wrote in separate folders), else ``data.root``."""
+    for root_key, split_key in (("val_root", "val_split"), ("test_root", "test_split")):
+        value = _setting(data_cfg, root_key)
+        if value and split == _setting(data_cfg, split_key):
+            return f"data.{root_key}", _entries(str(value), f"data.{root_key}")
+    return "data.root", root_entries(data_cfg)
 
 
 def _is_pattern(entry: str) -> bool:
@@ -63,11 +85,19 @@ def check_root_exists(entry: str, setting: str = "data.root") -> None:
         raise DataError(f"{setting} entry '{entry}' is not a directory or a shard pattern")
 
 
-def _expand(entry: str, split: str) -> List[str]:
-    check_root_exists(entry)
+def _shard_folder(entry: str, split: str) -> bool:
+    """A directory entry without a ``split`` folder that holds .tar shards itself: one set of shards, no splits."""
+    return (not _is_pattern(entry) and not (Path(entry) / split).is_dir()
+            and any(p.is_file() for p in Path(entry).glob("*.tar")))
+
+
+def _expand(entry: str, split: str, setting: str = "data.root") -> List[str]:
+    check_root_exists(entry, setting)
     if not _is_pattern(entry):
         split_dir = Path(entry) / split
-        if not split_dir.is_dir():
+        if _shard_folder(entry, split):  # img2dataset's output folder: the shards themselves
+            split_dir = Path(entry)
+        elif not split_dir.is_dir():
             raise DataError(f"no '{split}' split in {entry} (expected {split_dir}/*.tar)")
         shards = sorted(str(p.resolve()) for p in split_dir.glob("*.tar"))
     else:
@@ -77,9 +107,9 @@ def _expand(entry: str, split: str) -> List[str]:
             shards.extend(os.path.abspath(m) for m in matches)
         missing = [s for s in shards if not os.path.isfile(s)]
         if missing:
-            raise DataError(f"shard not found: {missing[0]} (from data.root entry '{entry}')")
+            raise DataError(f"shard not found: {missing[0]} (from {setting} entry '{entry}')")
     if not shards:
-        raise DataError(f"no shards for split '{split}' in data.root entry '{entry}'")
+        raise DataError(f"no shards for split '{split}' in {setting} entry '{entry}'")
     return shards
 
 
@@ -109,13 +139,14 @@ def count_tar_samples(shard: str) -> int:
 
 
 def shard_sources(data_cfg: Any, split: str, count_missing: bool = True) -> List[ShardSource]:
-    entries = root_entries(data_cfg)
-    weights = list(data_cfg.weights) if data_cfg.weights is not None else None
+    setting, entries = split_root(data_cfg, split)
+    # the weights pick data.root entries when sampling train shards; a val / test root is read in full, unweighted
+    weights = list(data_cfg.weights) if data_cfg.weights is not None and setting == "data.root" else None
     if weights is not None and len(weights) != len(entries):
         raise DataError(f"data.weights has {len(weights)} values but data.root has {len(entries)} entries")
     sources = []
     for i, entry in enumerate(entries):
-        shards = _expand(entry, split)
+        shards = _expand(entry, split, setting)
         sizes = _known_sizes(shards)
         unknown = [s for s in shards if s not in sizes]
         if unknown and count_missing:
@@ -258,11 +289,16 @@ def check_data(cfg: Any) -> Dict[str, int]:
     positions for ``data.max_text_length`` tokens. Returns the samples per split.
     """
     data = cfg.data
-    for entry in root_entries(data):
-        check_root_exists(entry)
     roles = [("data.train_split", data.train_split), ("data.val_split", data.val_split)]
     if data.test_split is not None:
         roles.append(("data.test_split", data.test_split))
+    elif _setting(data, "test_root"):
+        raise ConfigError("data.test_root is set but data.test_split is null: set data.test_split (e.g. test) to "
+                          "evaluate on it, or drop data.test_root")
+    for _, split in roles:
+        setting, entries = split_root(data, split)
+        for entry in entries:
+            check_root_exists(entry, setting)
     shards: Dict[str, List[str]] = {}
     samples: Dict[str, int] = {}
     for key, split in roles:
@@ -270,7 +306,7 @@ def check_data(cfg: Any) -> Dict[str, int]:
         shards[key], samples[split] = all_shards(sources), total_samples(sources)
         if samples[split] == 0:
             raise DataError(f"{key} '{split}' has no samples ({len(shards[key])} shard(s), e.g. {shards[key][0]})")
-    _check_disjoint(shards, dict(roles))
+    _check_disjoint(shards, dict(roles), {key: split_root(data, split)[0] for key, split in roles})
     labels = read_labels(data)
     for key, split in roles:
         _check_usable_sample(data, labels, key, split, shards[key])
@@ -286,9 +322,10 @@ def _split_sources(data: Any, key: str, split: str) -> List[ShardSource]:
         raise DataError(f"{key} '{split}': {exc}{hint}") from None
 
 
-def _check_disjoint(shards: Dict[str, List[str]], splits: Dict[str, str]) -> None:
+def _check_disjoint(shards: Dict[str, List[str]], splits: Dict[str, str], roots: Dict[str, str]) -> None:
     """Evaluation shards that are train (or val) shards would report metrics on data the model was fit (or
-    selected) on, silently; compared by resolved path so symlinks and relative paths cannot hide it."""
+    selected) on, silently; compared by resolved path so symlinks and relative paths cannot hide it. Shards from
+    another tool (one folder, no splits) end here unless data.val_root / data.test_root name the held-out ones."""
     resolved = {key: {os.path.realpath(s) for s in paths} for key, paths in shards.items()}
     keys = list(shards)
     for i, key in enumerate(keys[1:], start=1):
@@ -297,7 +334,18 @@ def _check_disjoint(shards: Dict[str, List[str]], splits: Dict[str, str]) -> Non
             if shared:
                 raise DataError(f"{key} '{splits[key]}' reads {len(shared)} shard(s) of {earlier} "
                                 f"'{splits[earlier]}' (e.g. {shared[0]}): its metrics would not be held out; "
-                                f"give each split its own shards (a data.root pattern needs {{split}})")
+                                f"{_own_shards_hint(key, roots)}")
+
+
+def _own_shards_hint(key: str, roots: Dict[str, str]) -> str:
+    """How to give the split of ``key`` its own shards, by where its shards came from."""
+    role = key[len("data."):-len("_split")]  # val | test
+    if roots[key] != "data.root":
+        return f"{roots[key]} must name other shards than the {'train and val' if role == 'test' else 'train'} ones"
+    extra = "; or set data.test_split=null" if role == "test" else ""
+    return (f"give each split its own shards (a data.root pattern needs {{split}}; shards another tool wrote in "
+            f"one folder: set data.{role}_root to the {role} shards, a folder or a pattern such as "
+            f"'/d/{{00008..00009}}.tar'{extra})")
 
 
 def check_split(data: Any, split: str, labels: List[str], key: str) -> int:

@@ -49,7 +49,11 @@ def process_task_in_worker(task: Task) -> Result:
 
 
 def process_task(task: Task, s: ImageSettings) -> Result:
-    meta: dict = {"id": task.id, "label": task.label, "label_index": task.label_index, "row": task.row}
+    # every optional key is always present (null when not applicable): readers that infer a schema from the first
+    # samples (Hugging Face datasets' webdataset loader) would otherwise drop keys those samples lack
+    meta: dict = {"id": task.id, "label": task.label, "label_index": task.label_index, "row": task.row,
+                  "image_error": None, "image_notes": None, "width": None, "height": None, "orig_width": None,
+                  "orig_height": None}
     meta.update(task.texts)
     if task.attributes is not None:  # every column as a key, null when missing (the attributes contract)
         meta["attributes"] = dict(task.attributes)
