@@ -185,3 +185,14 @@ def test_packed_shards_read_by_hf_datasets_with_the_documented_call(bad_packed_d
         assert row["json"] == meta, k  # every key, nulls included
         degraded[meta["image_error"] is not None] += 1
     assert degraded[True] > 0 and degraded[False] > 0  # both kinds are in the data: the schema kept image_error
+
+
+def test_test_root_without_a_test_split_is_refused(tmp_path):
+    from mmcat.config import ConfigError
+
+    write_img2dataset_folder(tmp_path / "one", labels_of({"shoes": 2, "bags": 2, "hats": 2}, 2))
+    cfg = load_config(TrainRunConfig, None, [f"data.root={tmp_path / 'one' / '00000.tar'}", "data.test_split=null",
+                                             f"data.val_root={tmp_path / 'one' / '00001.tar'}",
+                                             f"data.test_root={tmp_path / 'one'}", "output_dir=/unused"])
+    with pytest.raises(ConfigError, match=r"^data.test_root is set but data.test_split is null: set data.test_split"):
+        check_data(cfg)
