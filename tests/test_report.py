@@ -289,6 +289,15 @@ MEASURE = """<script>(function(){var r=document.getElementById('%s').getBounding
 document.documentElement.setAttribute('data-box',[r.left,r.top,r.width,r.height].join(','));})();</script>"""
 
 
+def _open(binary: str, page: Path, size=(1200, 1600), screenshot: Path = None):
+    """Load ``page`` in headless chromium: (its DOM after the scripts ran, chromium's stderr); with ``screenshot``,
+    the same load also writes the window as a PNG."""
+    shot = [f"--screenshot={screenshot}"] if screenshot else []
+    proc = _chromium(binary, f"--window-size={size[0]},{size[1]}", "--virtual-time-budget=3000", *shot,
+                     "--dump-dom", page.as_uri())
+    return BeautifulSoup(proc.stdout, "html.parser").html, proc.stderr
+
+
 @pytest.mark.browser
 @pytest.mark.parametrize("which, element", [("model", "confusion-matrix"), ("dataset", "samples")])
 def test_pages_load_in_chromium_without_errors(chromium, model_page, dataset_page, which, element, tmp_path):
@@ -297,22 +306,30 @@ def test_pages_load_in_chromium_without_errors(chromium, model_page, dataset_pag
     grid): the pixels where the element lies are not blank."""
     page = model_page if which == "model" else dataset_page
     size = (1200, 1600)
-    # where the element lies: a copy of the page measures it (same window size, so the same layout)
+    # a copy of the page also says where the element lies (it adds nothing visible: the layout is the page's)
     probe = tmp_path / "probe.html"
     probe.write_text(page.read_text(encoding="utf-8").replace("</body>", MEASURE % element + "</body>"),
                      encoding="utf-8")
-    proc = _chromium(chromium, f"--window-size={size[0]},{size[1]}", "--virtual-time-budget=3000", "--dump-dom",
-                     probe.as_uri())
-    dom = BeautifulSoup(proc.stdout, "html.parser").html
+    shot = tmp_path / f"{which}.png"
+    dom, stderr = _open(chromium, probe, size, shot)
     assert json.loads(dom["data-js-errors"]) == []
     assert dom["data-js-ready"] == "1"
-    assert "Uncaught" not in proc.stderr, proc.stderr[-2000:]
+    assert "Uncaught" not in stderr, stderr[-2000:]
     left, top, width, height = (float(v) for v in dom["data-box"].split(","))
     assert width > 100 and height > 100 and top < size[1]
-
-    shot = tmp_path / f"{which}.png"
-    _chromium(chromium, f"--window-size={size[0]},{size[1]}", f"--screenshot={shot}", page.as_uri())
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float64)
     region = pixels[int(top):int(min(top + height, size[1])), int(left):int(left + width)]
     assert region.size and region.std() > 20  # drawn: coloured cells and text, not a blank area
     assert len(np.unique(region.reshape(-1, 3), axis=0)) > 20
+
+
+@pytest.mark.browser
+def test_a_script_error_is_caught_by_the_page(chromium, tmp_path):
+    """The check above can fail: a page of the same skeleton with a broken script reports it."""
+    from mmcat.report.html import page
+
+    broken = tmp_path / "broken.html"
+    broken.write_text(page("t", "s", ["<script>console.error('bad value'); undefinedFunction();</script>"]))
+    dom, _ = _open(chromium, broken, (400, 300))
+    errors = json.loads(dom["data-js-errors"])
+    assert errors[0] == "bad value" and "undefinedFunction" in errors[1]

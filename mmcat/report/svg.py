@@ -29,12 +29,13 @@ def confusion_svg(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> str
     cells are big enough to hold them, and every cell has a tooltip (true, predicted, count, share)."""
     m = np.asarray(matrix, dtype=np.int64)
     n = len(labels)
-    cell = 44 if n <= 8 else 30 if n <= 16 else max(10, 640 // max(n, 1))
+    cell = 44 if n <= 8 else 30 if n <= 16 else max(9, 520 // max(n, 1))  # many classes: a compact matrix
     font = max(8.0, min(12.0, cell * 0.75))
     label_w = max(_text_width(str(name), font) for name in labels) + 8 if n else 20
     left, top = label_w + 22, 10
     grid = n * cell
-    bottom = label_w * 0.72 + 34  # x labels at -45 degrees, then the axis title
+    angle = -45 if n <= 16 else -90  # vertical names where cells are narrower than a slanted line of text
+    bottom = label_w * (0.72 if angle == -45 else 1.0) + 34  # the x labels, then the axis title
     legend_w = 70
     width, height = left + grid + legend_w, top + grid + bottom
     rows = m.sum(axis=1, keepdims=True)
@@ -58,7 +59,7 @@ def confusion_svg(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> str
                    f"{esc(name)}</text>")
         x, y0 = left + i * cell + cell / 2 + font * 0.35, top + grid + 6
         out.append(f'<text class="axis-x" x="{x:.1f}" y="{y0}" font-size="{font:.1f}" text-anchor="end" '
-                   f'transform="rotate(-45 {x:.1f} {y0})">{esc(name)}</text>')
+                   f'transform="rotate({angle} {x:.1f} {y0})">{esc(name)}</text>')
     out.append(f'<text x="12" y="{top + grid / 2:.0f}" font-size="12" font-weight="600" text-anchor="middle" '
                f'transform="rotate(-90 12 {top + grid / 2:.0f})">true label</text>')
     out.append(f'<text x="{left + grid / 2:.0f}" y="{height - 6:.0f}" font-size="12" font-weight="600" '

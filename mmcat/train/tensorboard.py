@@ -21,7 +21,8 @@ def confusion_figure(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> 
     m = np.asarray(matrix, dtype=np.int64)
     n = len(labels)
     share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
-    side = float(min(30.0, max(4.5, 0.42 * n + 2.5)))
+    per_class = 0.42 if n <= MAX_ANNOTATED else 0.22  # inches per row: room for a count, else for a 7 pt name
+    side = float(min(30.0, max(4.5, per_class * n + 2.5)))
     fig = Figure(figsize=(side + 1.2, side), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
