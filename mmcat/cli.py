@@ -69,7 +69,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from mmcat.report.model import model_report
 
     model_report(args.out, model=args.model, data=args.data, split=args.split, run=args.run, examples=args.examples,
-                 batch_size=args.batch_size, num_workers=args.num_workers, device=args.device)
+                 batch_size=args.batch_size, num_workers=args.num_workers)
     return 0
 
 
@@ -220,7 +220,6 @@ def _add_report_parser(sub) -> None:
     p.add_argument("--examples", type=_at_least(0), default=6, help="example products per confused pair (default: 6)")
     p.add_argument("--batch-size", dest="batch_size", type=_at_least(1), default=64)
     p.add_argument("--num-workers", dest="num_workers", type=_at_least(0), default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
     p.set_defaults(func=_cmd_report)
 
 

@@ -65,9 +65,9 @@ def _labels_section(report: Dict[str, Any]) -> str:
             count = int(report["splits"][n]["label_counts"].get(label, 0))
             row.append(f'<td data-v="{count}" style="text-align:left">{H.hbar(count / peak[n], 110)} {count}</td>')
         rows.append(row)
+    counts = H.table(["label", *splits], rows, sortable=True, cls="label-counts", left_columns=len(splits) + 1)
     return H.section("Label counts per split", '<p class="note">Bars relative to the split\'s largest class; click a '
-                     "header to sort.</p>", H.table(["label", *splits], rows, sortable=True, cls="label-counts"),
-                     id="labels")
+                     "header to sort.</p>", counts, id="labels")
 
 
 def _failures_section(report: Dict[str, Any]) -> str:
@@ -78,7 +78,7 @@ def _failures_section(report: Dict[str, Any]) -> str:
         peak = max(failures.values())
         rows = [[H.cell(reason, left=True), f'<td data-v="{n}" style="text-align:left">'
                  f'{H.hbar(n / peak, 160, "#e45756")} {n}</td>'] for reason, n in failures.items()]
-        body = H.table(["kind:reason", "rows"], rows, sortable=True, cls="failures") + \
+        body = H.table(["kind:reason", "rows"], rows, sortable=True, cls="failures", left_columns=2) + \
             '<p class="note">Each failed row is in failures.jsonl with its id and the reason.</p>'
     warnings = "".join(f'<p class="bad">warning: {H.esc(w)}</p>' for w in report.get("warnings", []))
     return H.section(f"Failures ({sum(failures.values())})", body, warnings, id="failures")

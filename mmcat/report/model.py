@@ -197,7 +197,7 @@ def modality_section(report: Dict[str, Any], labels: Sequence[str]) -> str:
     return H.section("What each modality contributes (F1 per class)",
                      '<p class="note">The same weights with inputs hidden: <code>image_only</code> / '
                      "<code>text_only</code> see one modality, <code>without_&lt;m&gt;</code> all but one.</p>",
-                     H.table(header, rows, sortable=True, cls="modalities"), id="modalities")
+                     H.table(header, rows, sortable=True, cls="modalities", left_columns=len(header)), id="modalities")
 
 
 def _bar_cell(value: float, mode: str) -> str:
@@ -279,8 +279,7 @@ def run_defaults(run_dir: str, data: Optional[str], split: Optional[str]) -> Tup
 
 
 def model_report(out: str, model: Optional[str] = None, data: Optional[str] = None, split: Optional[str] = None,
-                 run: Optional[str] = None, examples: int = 6, batch_size: int = 64, num_workers: int = 0,
-                 device: str = "auto") -> Path:
+                 run: Optional[str] = None, examples: int = 6, batch_size: int = 64, num_workers: int = 0) -> Path:
     """Evaluate ``model`` on ``split`` of ``data`` (as ``mmcat eval``), find example products of the most-confused
     pairs and write the HTML page to ``out``. With ``run``: the model, data and split default to the run's, and
     the page adds its training curves."""
@@ -296,7 +295,8 @@ def model_report(out: str, model: Optional[str] = None, data: Optional[str] = No
     report = evaluate_artifact(model, data, split, batch_size, num_workers)
     labels = list(report["per_class"]["fused"])
     pairs = confused_pairs(report["confusion_matrix"]["fused"], labels, EXAMPLE_PAIRS) if examples > 0 else []
-    scan = scan_split(model, data, split, [(t, p) for t, p, _ in pairs], examples, batch_size, device)
+    # the device eval's Accelerator picks: CUDA when there is one
+    scan = scan_split(model, data, split, [(t, p) for t, p, _ in pairs], examples, batch_size)
     scalars = read_scalars(Path(run)) if run is not None else None
     page = render_model_report(report, labels, scan, Path(model), split, examples, scalars)
     path = Path(out)

@@ -99,8 +99,9 @@ def line_chart(title: str, series: Dict[str, List[Tuple[int, float]]], width: in
     steps, vals = [p[0] for p in pts], [p[1] for p in pts]
     x0, x1 = min(steps), max(max(steps), min(steps) + 1)
     y0, y1 = y_range or (min(vals), max(vals))
-    if y1 <= y0:
-        y0, y1 = y0 - 0.5 if y0 else 0.0, y1 + 0.5 if y1 else 1.0
+    if y1 <= y0:  # a constant: centre it in a band of 10 % of its value
+        pad = abs(y0) * 0.1 or 1.0
+        y0, y1 = y0 - pad, y1 + pad
     left, right, top, bottom = 48, 10, 22, 30
     pw, ph = width - left - right, height - top - bottom
 
