@@ -130,6 +130,20 @@ def test_confusion_figure_names_classes_and_counts():
     assert pixels.dtype == np.uint8 and pixels.shape[2] == 3 and min(pixels.shape[:2]) >= 400
 
 
+def test_confusion_matrix_svg_for_50_classes_is_compact_and_named():
+    """50 classes: every name on both axes, one cell per pair with its count, and a matrix narrow enough for the
+    ranked list of confusions to sit beside it on the page (max-width 1180 px)."""
+    from mmcat.report.svg import confusion_svg
+
+    labels = [f"category number {i}" for i in range(50)]
+    matrix = (np.arange(2500).reshape(50, 50) % 7).tolist()
+    svg = BeautifulSoup(confusion_svg(matrix, labels), "html.parser").svg
+    assert [t.get_text() for t in svg.find_all("text", class_="axis-y")] == labels
+    assert [t.get_text() for t in svg.find_all("text", class_="axis-x")] == labels
+    assert [int(r["data-count"]) for r in svg.find_all("rect", class_="cm")] == [n for row in matrix for n in row]
+    assert float(svg["width"]) < 1180 - 440 - 24  # the page's width less the list's and the gap
+
+
 # ------------------------------------------------------------------------------------------- model report
 def test_model_report_numbers_are_evals(model_page, eval_json, report_run, tiny_packed_dataset):
     page = soup(model_page)
@@ -287,6 +301,11 @@ def _chromium(binary: str, *args: str, timeout: int = 120) -> subprocess.Complet
 
 MEASURE = """<script>(function(){var r=document.getElementById('%s').getBoundingClientRect();
 document.documentElement.setAttribute('data-box',[r.left,r.top,r.width,r.height].join(','));})();</script>"""
+# clicks the per-class table's F1 header twice (ascending, then descending) and records the F1 column's order
+SORT = """<script>(function(){var t=document.querySelector('table.per-class'),th=t.tHead.rows[0].cells[3];
+th.click();th.click();
+var v=Array.prototype.map.call(t.tBodies[0].rows,function(r){return r.cells[3].getAttribute('data-v');});
+document.documentElement.setAttribute('data-sorted',v.join(','));})();</script>"""
 
 
 def _open(binary: str, page: Path, size=(1200, 1600), screenshot: Path = None):
@@ -308,8 +327,8 @@ def test_pages_load_in_chromium_without_errors(chromium, model_page, dataset_pag
     size = (1200, 1600)
     # a copy of the page also says where the element lies (it adds nothing visible: the layout is the page's)
     probe = tmp_path / "probe.html"
-    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", MEASURE % element + "</body>"),
-                     encoding="utf-8")
+    extra = MEASURE % element + (SORT if which == "model" else "")
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", extra + "</body>"), encoding="utf-8")
     shot = tmp_path / f"{which}.png"
     dom, stderr = _open(chromium, probe, size, shot)
     assert json.loads(dom["data-js-errors"]) == []
@@ -317,6 +336,9 @@ def test_pages_load_in_chromium_without_errors(chromium, model_page, dataset_pag
     assert "Uncaught" not in stderr, stderr[-2000:]
     left, top, width, height = (float(v) for v in dom["data-box"].split(","))
     assert width > 100 and height > 100 and top < size[1]
+    if which == "model":  # the sortable table sorts: best F1 first after the second click
+        f1 = [float(v) for v in dom["data-sorted"].split(",")]
+        assert f1 == sorted(f1, reverse=True) and f1 != sorted(f1)
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float64)
     region = pixels[int(top):int(min(top + height, size[1])), int(left):int(left + width)]
     assert region.size and region.std() > 20  # drawn: coloured cells and text, not a blank area

@@ -26,7 +26,8 @@ table.sortable th{cursor:pointer}table.sortable th:after{content:" \\2195";color
 .cards{display:flex;flex-wrap:wrap;gap:10px}.card{width:150px;border:1px solid #e0e3ea;border-radius:6px;
 padding:6px;font-size:12px;overflow:hidden}.card img{width:100%;height:120px;object-fit:contain;border-radius:4px;
 background:#f3f5f9}.card .t{font-weight:600;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
-.card .d{color:#5b6272;display:-webkit-box;-webkit-line-clamp:3;-webkit-box-orient:vertical;overflow:hidden}.pill{display:inline-block;padding:0 6px;border-radius:8px;
+.card .d{color:#5b6272;display:-webkit-box;-webkit-line-clamp:3;-webkit-box-orient:vertical;overflow:hidden}
+.pill{display:inline-block;padding:0 6px;border-radius:8px;
 background:#eef1f6;font-size:11px}.pill.ok{background:#e3f4e6}.pill.err{background:#fbe4e2}
 svg text{font-family:inherit}
 """

@@ -158,8 +158,8 @@ def confusion_section(report: Dict[str, Any], labels: Sequence[str]) -> str:
     support = np.asarray(matrix).sum(axis=1)
     items = [f"{H.esc(t)} \u2192 {H.esc(p)}: <b>{n}</b> <span class=\"note\">"
              f"({n / max(support[labels.index(t)], 1):.0%} of {H.esc(t)})</span>" for t, p, n in ranked]
-    side = ('<div style="max-width:440px"><h3>Top confusions</h3>' + (H.listing(items) if items else "<p>none: every sample right</p>")
-            + "</div>")
+    ranked_list = H.listing(items) if items else "<p>none: every sample right</p>"
+    side = f'<div style="max-width:440px"><h3>Top confusions</h3>{ranked_list}</div>'
     return H.section("Confusion matrix (fused)",
                      '<p class="note">Rows: true class; columns: predicted. Colour: share of the row; numbers: '
                      "counts (hover a cell for both).</p>",
