@@ -42,7 +42,7 @@ def _cmd_pack_merge(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from mmcat.inspect_dataset import inspect_dataset
 
-    return inspect_dataset(args.dir, as_json=args.json, samples=args.samples)
+    return inspect_dataset(args.dir, as_json=args.json, samples=args.samples, html=args.html)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -63,6 +63,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from mmcat.eval_artifact import calibrate_cli
 
     return calibrate_cli(args)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mmcat.report.model import model_report
+
+    model_report(args.out, model=args.model, data=args.data, split=args.split, run=args.run, examples=args.examples,
+                 batch_size=args.batch_size, num_workers=args.num_workers)
+    return 0
 
 
 def _cmd_configs_list(args: argparse.Namespace) -> int:
@@ -161,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--samples", type=int, default=3, help="sample rows to show")
+    p.add_argument("--html", metavar="OUT", help="also write a self-contained HTML page: split sizes, label counts, "
+                   "failures, photos with their text per class")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("train", help="fine-tune ResNet + BERT with a fusion head (Accelerate / DeepSpeed)")
@@ -192,10 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", dest="num_workers", type=_at_least(0), default=0)
     p.set_defaults(func=_cmd_calibrate)
 
+    _add_report_parser(sub)
     _add_predict_parser(sub)
     _add_configs_parser(sub)
     _add_serve_parser(sub)
     return parser
+
+
+def _add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="one self-contained HTML page of a trained model on a split: metrics, "
+                       "confusions with example products, modalities, calibration (and, with --run, training curves)")
+    p.add_argument("--model", help="artifact dir (RUN_DIR/best); default with --run: RUN/best")
+    p.add_argument("--data", help="packed dataset dir or shard pattern; default with --run: the run's data.root")
+    p.add_argument("--run", help="a run directory: its best/, data and test split, plus its training curves")
+    p.add_argument("--split", help="default: test (with --run: the run's data.test_split)")
+    p.add_argument("--out", required=True, help="the HTML file to write (missing folders are created)")
+    p.add_argument("--examples", type=_at_least(0), default=6, help="example products per confused pair (default: 6)")
+    p.add_argument("--batch-size", dest="batch_size", type=_at_least(1), default=64)
+    p.add_argument("--num-workers", dest="num_workers", type=_at_least(0), default=0)
+    p.set_defaults(func=_cmd_report)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
 """``mmcat inspect DIR``: split sizes, label counts, failures by reason, warnings (an empty split, labels missing
-from a split) and a few sample rows of a packed dataset."""
+from a split) and a few sample rows of a packed dataset; with ``--html``, also a page with photos per class
+(:mod:`mmcat.report.dataset`)."""
 from __future__ import annotations
 
 import json
@@ -7,24 +8,28 @@ import sys
 from collections import Counter
 from itertools import islice
 from pathlib import Path
-from typing import List
+from typing import Iterator, List, Optional
 
 from mmcat.errors import ConfigError
 from mmcat.pack import print_warnings
 from mmcat.pack.split import split_warnings
 
 
-def _samples(out: Path, manifest: dict, n: int) -> List[dict]:
-    """The first n samples of the first non-empty split, read with webdataset's public API."""
+def split_samples(out: Path, manifest: dict, split: str) -> Iterator[dict]:
+    """The samples of one split in shard order, read with webdataset's public API."""
     import webdataset as wds
 
+    urls = [str(out / split / s["name"]) for s in manifest["splits"][split]["shards"]]
+    return iter(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+
+
+def _samples(out: Path, manifest: dict, n: int) -> List[dict]:
+    """The first n samples of the first non-empty split."""
     rows: List[dict] = []
     for split, info in manifest["splits"].items():
         if not info["shards"] or n <= 0:
             continue
-        urls = [str(out / split / s["name"]) for s in info["shards"]]
-        pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
-        for sample in islice(pipeline, n):
+        for sample in islice(split_samples(out, manifest, split), n):
             meta = json.loads(sample["json"])
             rows.append({"split": split, "key": sample["__key__"], "label": meta["label"],
                          "has_image": meta["has_image"], "has_text": meta["has_text"],
@@ -53,7 +58,7 @@ def _attribute_lines(columns: List[dict]) -> List[str]:
     return lines
 
 
-def inspect_dataset(dir: str | Path, as_json: bool = False, samples: int = 3) -> int:
+def inspect_dataset(dir: str | Path, as_json: bool = False, samples: int = 3, html: Optional[str] = None) -> int:
     out = Path(dir)
     mpath = out / "manifest.json"
     if not mpath.is_file():
@@ -76,6 +81,11 @@ def inspect_dataset(dir: str | Path, as_json: bool = False, samples: int = 3) ->
         "warnings": split_warnings(manifest["labels"], manifest["splits"], manifest["settings"].get("splits", {})),
     }
     print_warnings("inspect", report["warnings"])  # stderr: --json output stays parseable
+    if html:
+        from mmcat.report.dataset import write_dataset_report
+
+        path = write_dataset_report(report, lambda split: split_samples(out, manifest, split), html)
+        print(f"wrote {path}", file=sys.stderr)  # stderr, like the warnings
     if as_json:
         json.dump(report, sys.stdout, indent=2, ensure_ascii=False)
         print()

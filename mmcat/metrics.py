@@ -1,4 +1,5 @@
-"""Classification metrics (scikit-learn) and their table / image renderings."""
+"""Classification metrics (scikit-learn) and their table rendering (the TensorBoard confusion-matrix figure is
+:mod:`mmcat.train.tensorboard`'s)."""
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
@@ -49,16 +50,3 @@ def format_table(results: Dict[str, Dict], title: str = "") -> str:
         )
     return "\n".join(lines)
 
-
-def confusion_image(matrix: List[List[int]], cell: int = 24) -> np.ndarray:
-    """Row-normalised confusion matrix as an RGB heat map (HWC uint8) for TensorBoard.
-
-    Pure numpy on purpose: OpenCV in the trainer process would start its thread pool there, and a DataLoader
-    worker forked afterwards deadlocks in OpenCV (the pool's lock is copied held).
-    """
-    m = np.asarray(matrix, dtype=np.float64)
-    norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
-    big = np.kron(norm, np.ones((cell, cell)))  # nearest-neighbour upscale
-    # dark blue (0) -> yellow (1)
-    low, high = np.array([48, 18, 59], dtype=np.float64), np.array([249, 231, 33], dtype=np.float64)
-    return (low + big[..., None] * (high - low)).astype(np.uint8)

@@ -6,6 +6,7 @@
 ``bad_packed_dataset``   it packed with the label whitelist (labels.txt), image_size 64
 ``tiny_text``            a tiny random BERT folder (tokenizer + config)
 ``baseline_run``         one uninterrupted single-process training run on tiny_packed_dataset (2 epochs, 12 steps)
+``chromium``             Debian's headless chromium (apt-get install on first use, as root), for ``browser`` tests
 Tests must not modify these directories (copy them first).
 """
 from __future__ import annotations
@@ -78,3 +79,40 @@ def baseline_run(tiny_packed_dataset, tiny_text, tmp_path_factory) -> Path:
     cfg = write_config(work / "train.yaml", tiny_text, tiny_packed_dataset, work / "run")
     run(mmcat_cmd("train", "--config", str(cfg)))
     return work / "run"
+
+
+# ------------------------------------------------------------------------------------------------ a real browser
+CHROMIUM_PACKAGES = ("chromium", "fonts-dejavu-core")  # a headless page needs a font to draw its text
+CHROMIUM_FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's ``chromium``, for the ``browser`` tests. Installed with apt-get on first use when missing (needs
+    root, like the local SLURM cluster of the ``slurm`` tests); a lock file makes a second test session wait for
+    the first one's install instead of failing on apt's lock."""
+    import fcntl
+    import os
+    import shutil
+    import subprocess
+
+    def ready() -> bool:
+        return shutil.which("chromium") is not None and CHROMIUM_FONT.is_file()
+
+    if ready():
+        return shutil.which("chromium")
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.fail(f"the browser tests need Debian's {' '.join(CHROMIUM_PACKAGES)}: installing them needs root and "
+                    "apt-get (apt-get install " + " ".join(CHROMIUM_PACKAGES) + ")")
+    Path("/run/lock").mkdir(parents=True, exist_ok=True)
+    with open("/run/lock/mmcat-chromium-install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not ready():
+            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            for cmd in (["apt-get", "update", "-qq"],
+                        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "-o",
+                         "DPkg::Lock::Timeout=300", *CHROMIUM_PACKAGES]):
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+                assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}"
+    assert ready(), f"installed {' '.join(CHROMIUM_PACKAGES)} but chromium or its font is still missing"
+    return shutil.which("chromium")

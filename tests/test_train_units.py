@@ -91,10 +91,3 @@ def test_deepspeed_plugin_fills_owned_values_and_refuses_disagreement(tmp_path, 
     with pytest.raises(ConfigError, match="'bf16.enabled' is True but train.precision is no"):
         _deepspeed_plugin(_cfg())
 
-
-def test_confusion_image_is_rgb_heatmap():
-    from mmcat.metrics import confusion_image
-
-    img = confusion_image([[3, 1], [0, 4]], cell=5)
-    assert img.shape == (10, 10, 3) and img.dtype.name == "uint8"
-    assert (img[0, 0] != img[0, 9]).any()  # 0.75 vs 0.25 differ

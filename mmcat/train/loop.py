@@ -19,7 +19,7 @@ from mmcat.config import to_container
 from mmcat.data import iterate_batches
 from mmcat.hashing import stable_seed
 from mmcat.evaluation import dummy_batch, evaluate
-from mmcat.metrics import confusion_image, format_table, summary
+from mmcat.metrics import format_table, summary
 from mmcat.modalities import modes_for
 from mmcat.models import forward_batch
 from mmcat.models.balance import aux_losses
@@ -29,6 +29,7 @@ from mmcat.train.checkpoint import TrainerState, load_checkpoint, save_checkpoin
 from mmcat.train.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
 from mmcat.files import write_atomic
 from mmcat.train.setup import TrainingSetup, build_training
+from mmcat.train.tensorboard import confusion_image, per_class_f1
 
 log = logging.getLogger("mmcat.train")
 
@@ -103,6 +104,7 @@ class Trainer:
         self._aux_mean: Dict[str, float] = {}
         self._steps_this_run = 0
         self._saved_step = -1
+        self._unlogged: Optional[Tuple[float, Any]] = None  # (loss, grad norm) of a step that log_every skipped
 
     # ---------------------------------------------------------------------------------------------- running
     def run(self) -> int:
@@ -130,6 +132,9 @@ class Trainer:
         outcome = self._at_boundary(done=st.global_step >= self.total_steps)  # a resumed pending evaluation
         while outcome is None:
             outcome = DONE if st.epoch >= t.epochs else self._run_epoch()
+        # early stopping (decided by the evaluation after the step's log) or data that ran out before the planned
+        # step count end the run on a step that log_every may have skipped: the curves must reach it
+        self._log_unlogged()
         if outcome == STOPPED:
             return outcome
         st.eval_pending = st.last_eval_step != st.global_step
@@ -279,13 +284,13 @@ class Trainer:
             return STOPPED
         st.last_eval_step = st.global_step
         fused = res["fused"]
-        acc.log({f"val/{m}/{k}": res[m][k] for m in self.modes for k in ("accuracy", "macro_f1", "weighted_f1")},
-                step=st.global_step)
+        acc.log({**{f"val/{m}/{k}": res[m][k] for m in self.modes for k in ("accuracy", "macro_f1", "weighted_f1")},
+                 **per_class_f1(fused["per_class"])}, step=st.global_step)
         if acc.is_main_process:
             log.info("step %d val: %s", st.global_step, {m: round(res[m]["macro_f1"], 4) for m in self.modes})
             tb = acc.get_tracker("tensorboard", unwrap=True)
-            tb.add_image("val/confusion_matrix", confusion_image(fused["confusion_matrix"]), st.global_step,
-                         dataformats="HWC")
+            tb.add_image("val/confusion_matrix", confusion_image(fused["confusion_matrix"], self.labels),
+                         st.global_step, dataformats="HWC")
         self._check_competition(res)
         if fused["macro_f1"] > st.best_metric:
             st.best_metric, st.best_step, st.evals_without_improvement = fused["macro_f1"], st.global_step, 0
@@ -345,10 +350,13 @@ class Trainer:
         write_atomic(record_dir / f"epoch-{st.epoch}-rank-{acc.process_index}.json", json.dumps(record, indent=1))
 
     def _log_step(self, loss: float, grad_norm: Any, force: bool) -> None:
-        """``train/loss`` is the mean over the accumulation window and all ranks; the last step is always logged."""
+        """``train/loss`` is the mean over the accumulation window and all ranks. Steps between ``log_every``
+        multiples are skipped, except the first one and the last one (:meth:`_log_unlogged`)."""
         st, t = self.state, self.cfg.train
         if not force and st.global_step % t.log_every and st.global_step != 1:
+            self._unlogged = (loss, grad_norm)
             return
+        self._unlogged = None
         rate, wait_fraction = self.meter.read(st.samples_seen)
         logs = {"train/loss": loss, "train/samples_per_s": rate, "train/data_wait_fraction": wait_fraction,
                 "train/epoch": st.epoch, "train/skipped_samples": st.skipped_samples}
@@ -358,6 +366,11 @@ class Trainer:
         logs.update({f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)})
         self.accelerator.log(logs, step=st.global_step)
         self.bar.set_postfix(loss=f"{loss:.3f}", sps=f"{rate:.1f}", wait=f"{wait_fraction:.2f}")
+
+    def _log_unlogged(self) -> None:
+        """Log the last optimizer step of this process if ``log_every`` skipped it."""
+        if self._unlogged is not None:
+            self._log_step(*self._unlogged, force=True)
 
     # ---------------------------------------------------------------------------------------------- finish
     def _finish(self) -> str:
