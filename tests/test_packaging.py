@@ -31,7 +31,8 @@ def _declared(*extras: str) -> set:
     return {_canonical(re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0]) for r in reqs}
 
 
-EXTRA_MODULES = {"mmcat/serve.py": ("serve",)}  # imported only by users of the extra (`mmcat serve`)
+EXTRA_MODULES = {"mmcat/serve.py": ("serve",),  # imported only by users of the extra (`mmcat serve`)
+                 "mmcat/data/hf.py": ("hf",)}  # mmcat.data.hf.hf_features, for Hugging Face datasets users
 
 
 def _third_party_imports(folder: Path) -> dict:
