@@ -185,14 +185,22 @@ def _read_input(cfg) -> InputTable:
                       columns=columns)
 
 
-def pack(cfg) -> dict:
-    """Pack the table ``cfg.input`` into WebDataset shards under ``cfg.out``; returns the manifest dict."""
-    splits = _validate(cfg)
+def plan_input(cfg) -> Tuple[InputTable, Plan]:
+    """Read the input and plan it: labels, splits, packing order, rejections, attribute kinds (no photo is
+    opened). What ``mmcat pack`` does before writing; ``benchmarks/bench_plan.py`` times it."""
+    _validate(cfg)
     source = _read_input(cfg)
     if not source.images_root.is_dir():
         raise ConfigError(f"--images-root {source.images_root}: not a directory")
     plan = build_plan(source, cfg)
     plan.kinds = _attribute_kinds(cfg, plan)
+    return source, plan
+
+
+def pack(cfg) -> dict:
+    """Pack the table ``cfg.input`` into WebDataset shards under ``cfg.out``; returns the manifest dict."""
+    splits = _validate(cfg)
+    source, plan = plan_input(cfg)
     settings = _settings(cfg, source, splits)
     layout = Layout(Path(cfg.out), cfg.slice_index, cfg.num_slices)
     with writing(layout.out):  # a read-only or full file system, or an --out below a regular file

@@ -200,8 +200,10 @@ class _Ids:
 
         chunks, split_hash, order_hash = [], [], []
         for chunk in column.chunks:
-            values = [(v or "").strip() for v in chunk.to_pylist()]
-            chunks.append(pa.array(values, pa.string()))
+            raw = chunk.to_pylist()
+            values = [(v or "").strip() for v in raw]
+            same = chunk.null_count == 0 and all(a is b for a, b in zip(values, raw))  # strip() returns the same str
+            chunks.append(chunk.cast(pa.string()) if same else pa.array(values, pa.string()))
             split_hash.append(hash_ids(values, seed, "split"))
             order_hash.append(hash_ids(values, seed, "order"))
         self.values = pa.chunked_array(chunks, pa.string())
@@ -229,9 +231,9 @@ def _label_codes(column) -> Tuple[List[str], Any]:
     distinct = pc.unique(column)
     stripped = [v.strip() for v in distinct.to_pylist()]
     names = list(dict.fromkeys(stripped))
-    remap = np.array([names.index(v) for v in stripped] or [0], np.int64)
-    raw = np.asarray(pc.index_in(column, value_set=distinct).to_numpy(), np.int64)
-    return names, remap[raw]
+    position = {name: n for n, name in enumerate(names)}
+    remap = np.array([position[v] for v in stripped] or [0], np.int32)
+    return names, remap[pc.index_in(column, value_set=distinct).to_numpy()]
 
 
 def _screen(ids: _Ids, labels: List[str], codes, allowed: Optional[set], problems: Dict[int, str]):
@@ -270,19 +272,30 @@ def _screen(ids: _Ids, labels: List[str], codes, allowed: Optional[set], problem
 
 def _repeated_own_keys(ids: _Ids, rows, keep, rejects: list) -> None:
     """Rows whose id is its own key: a key repeats exactly when the id does (duplicate_id, first_row = the
-    first of these rows with that id)."""
+    first of these rows with that id). Equal ids have equal split hashes: rows are sorted by hash (a numpy sort,
+    no table of every id) and only runs of equal hashes are compared by id."""
     import numpy as np
-    import pyarrow.compute as pc
 
     if not len(rows):
         return
-    codes = np.asarray(pc.index_in(ids.values, value_set=pc.unique(ids.values)).to_numpy(), np.int64)[rows]
-    by_code = np.argsort(codes, kind="stable")  # rows of one id together, in row order
-    starts = np.concatenate([[True], codes[by_code][1:] != codes[by_code][:-1]])
-    first_row = rows[by_code][starts][np.cumsum(starts) - 1]  # per position of by_code: its id's first row
-    for i, first in zip(rows[by_code][~starts].tolist(), first_row[~starts].tolist()):
-        keep[i] = False
-        rejects.append((i, "duplicate_id", {"first_row": first + 1}))
+    by_hash = rows[np.argsort(ids.split_hash[rows], kind="stable")]  # equal hashes together, in row order
+    h = ids.split_hash[by_hash]
+    same = np.flatnonzero(h[1:] == h[:-1])
+    if not len(same):
+        return
+    starts = same[np.concatenate([[True], np.diff(same) > 1])]  # a run of equal hashes begins at each start
+    for start in starts.tolist():
+        end = start + 1
+        while end < len(h) and h[end] == h[start]:
+            end += 1
+        group = by_hash[start:end]
+        first: Dict[str, int] = {}
+        for i, id_ in zip(group.tolist(), ids.at(group)):
+            if id_ in first:
+                keep[i] = False
+                rejects.append((i, "duplicate_id", {"first_row": first[id_] + 1}))
+            else:
+                first[id_] = i
 
 
 def _repeated_other_keys(ids: _Ids, rows, keep, rejects: list) -> None:

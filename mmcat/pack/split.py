@@ -74,12 +74,17 @@ def assign_splits(items: Sequence[Tuple[str, str]], splits: Mapping[str, float],
 
 
 def hash_ids(ids: Sequence[str], seed: int, purpose: str):
-    """``stable_hash(seed, purpose, id)`` of every id, as a numpy uint64 array (the digests of one pass)."""
+    """``stable_hash(seed, purpose, id)`` of every id, as a numpy uint64 array (one digest buffer, no int per id)."""
     import numpy as np
 
-    prefix = f"{seed}\0{purpose}\0"
-    digests = b"".join(hashlib.blake2b((prefix + i).encode(), digest_size=8).digest() for i in ids)
-    return np.frombuffer(digests, ">u8").astype(np.uint64)
+    start = hashlib.blake2b(f"{seed}\0{purpose}\0".encode(), digest_size=8).copy  # the prefix hashed once
+
+    def digest(id_: str) -> bytes:
+        h = start()
+        h.update(id_.encode())
+        return h.digest()
+
+    return np.frombuffer(b"".join(map(digest, ids)), ">u8").astype(np.uint64)
 
 
 def _ties_by_id(rows, hashes, id_of: Callable[[int], str], groups=None):

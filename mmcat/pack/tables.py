@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from mmcat.errors import ConfigError
 
 EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
-BATCH_BYTES = 8 << 20  # CSV block size: large enough for fast parsing, small enough to stream
+BATCH_BYTES = 2 << 20  # CSV block (a row must fit in one): bigger blocks leave more freed memory behind
 BATCH_ROWS = 65536  # JSON Lines / Parquet rows per record batch
 
 
