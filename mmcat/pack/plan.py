@@ -16,7 +16,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from mmcat.errors import ConfigError
 from mmcat.hashing import stable_hash
@@ -162,7 +162,7 @@ def read_label_whitelist(path: str) -> List[str]:
     return labels
 
 
-def build_plan(source, cfg, slice_index: int = 0, num_slices: int = 1) -> Plan:
+def build_plan(source, cfg) -> Plan:
     """The plan of ``source`` (an :class:`mmcat.pack.tables.InputTable`) with ``cfg``'s label whitelist, splits and
     seed. Rows named in ``source.problems`` (e.g. a CSV row with another field count than the header) are
     rejected."""

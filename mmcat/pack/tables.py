@@ -191,6 +191,7 @@ class _Batches:
                 idx = _good_indices(start, batch.num_rows, found)
                 yield pa.Table.from_batches([batch]), idx
                 start = int(idx[-1]) + 1 if len(idx) else start
+                found[:] = [b for b in found if b >= start]  # only bad rows still ahead matter
 
     # JSON Lines -------------------------------------------------------------------------------------------------
     def _jsonl(self, wanted: List[str]):
@@ -261,7 +262,7 @@ def _good_indices(start: int, count: int, bad: List[int]):
     """The data-row indices of ``count`` good rows read from ``start`` on, skipping the ``bad`` indices."""
     import numpy as np
 
-    skip = sorted(b for b in bad if b >= start)
+    skip = sorted(b for b in bad if b >= start)  # (the handler saw them in file order; sorted to be sure)
     out = np.empty(count, np.int64)
     i, pos = 0, start
     for b in skip:  # bad rows are rare: fill the runs between them
@@ -309,9 +310,6 @@ def read_table(path: str | Path, fmt: str, required: Sequence[str], *, row_colum
 
 
 def _read(batches: _Batches, required: List[str], row_columns: List[str], slice_index: int, num_slices: int):
-    import numpy as np
-    import pyarrow as pa
-
     columns = batches.columns()
     if columns is not None and any(c not in columns for c in required + row_columns):
         # a missing column is named without reading the whole table (a table without rows says so first)
