@@ -193,3 +193,22 @@ def test_repeated_ids_are_rejected_with_the_row_they_repeat(tmp_path: Path):
         {"row": 10, "id": "x.y", "reason": "label_missing"},
     ]
     assert sorted(t.id for t in plan.tasks("train", plan.order["train"])) == ["a", "b", "c", "x.y"]
+
+
+def test_unreadable_tables_are_one_line_errors(tmp_path: Path):
+    """Not UTF-8 (plain or gzipped), a broken gzip stream, a missing column: one line naming the file."""
+    from mmcat.config import ConfigError
+    from mmcat.pack.packer import plan_input
+
+    latin = ",".join(COLUMNS).encode() + b"\np1,a.jpg,caf\xe9,,mugs\n"
+    (tmp_path / "latin.csv").write_bytes(latin)
+    (tmp_path / "latin.csv.gz").write_bytes(gzip.compress(latin))
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"id": "p1"}\n' * 50)[:-20])
+    _write_csv(tmp_path / "ok.csv", [{"id": "p1", "image": "", "title": "t", "description": "", "category": "a"}])
+    cases = [("latin.csv", "not UTF-8 text"), ("latin.csv.gz", "not UTF-8 text"), ("cut.jsonl.gz", "unreadable jsonl"),
+             ("ok.csv", "missing column 'brand'")]
+    for name, needle in cases:
+        with pytest.raises(ConfigError) as exc:
+            plan_input(_config(tmp_path / name, attribute_columns=["brand"] if name == "ok.csv" else []))
+        assert needle in str(exc.value) and str(tmp_path / name) in str(exc.value), str(exc.value)
+        assert "\n" not in str(exc.value)
