@@ -103,7 +103,8 @@ def _string_array(arr):
     t = arr.type
     if pa.types.is_string(t):
         return arr
-    if pa.types.is_large_string(t) or pa.types.is_string_view(t) or pa.types.is_integer(t) or \
+    view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow >= 16
+    if pa.types.is_large_string(t) or view(t) or pa.types.is_integer(t) or \
             (pa.types.is_dictionary(t) and pa.types.is_string(t.value_type)):
         return arr.cast(pa.string())
     if pa.types.is_null(t):
