@@ -16,11 +16,11 @@ import cv2
 from tqdm import tqdm
 
 from mmcat.errors import ConfigError
-from mmcat.pack.attributes import (ATTRIBUTE_STATS, FIT_SPLIT, Kinds, check_attribute_settings, infer_kinds,
-                                   merged_stats, typed_values)
+from mmcat.pack.attributes import (ATTRIBUTE_STATS, FIT_SPLIT, NUMERIC_SHARE, Kinds, check_attribute_settings,
+                                   merged_stats, parse_number)
 from mmcat.pack.manifest import build_manifest, records_summary, sort_failures, sum_notes, write_dataset_files
 from mmcat.pack.plan import Plan, Task, build_plan
-from mmcat.pack.tables import detect_format, read_table
+from mmcat.pack.tables import InputTable, detect_format, read_table
 from mmcat.pack.split import check_splits
 from mmcat.pack.worker import ImageSettings, Result, init_worker, process_task, process_task_in_worker
 from mmcat.pack.writer import SplitWriter, load_records, write_json_atomic, writing
@@ -77,17 +77,25 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _settings(cfg, input_path: Path, fmt: str, images_root: Path, splits: Dict[str, float]) -> dict:
+def _settings(cfg, source: InputTable, splits: Dict[str, float]) -> dict:
     """Everything that determines the output bytes (not workers/resume/slice): stored in the manifest."""
+    files = [Path(f) for f in source.files]
+    fmt = detect_format(files[0], cfg.format) if source.layout == "table" else source.layout
+    if len(files) == 1:
+        where = {"input": str(files[0].resolve()), "input_sha256": _file_sha256(files[0])}
+    else:  # a layout of several files: each one's digest
+        where = {"input": str(Path(cfg.input).resolve()),
+                 "input_sha256": {str(f.resolve()): _file_sha256(f) for f in files}}
+    c = source.columns
     return {
-        "input": str(input_path.resolve()), "input_sha256": _file_sha256(input_path), "format": fmt,
-        "images_root": str(images_root.resolve()), "id_column": cfg.id_column, "image_column": cfg.image_column,
-        "text_columns": list(cfg.text_columns), "label_column": cfg.label_column,
+        **where, "format": fmt,
+        "images_root": str(source.images_root.resolve()), "id_column": c["id"], "image_column": c["image"],
+        "text_columns": list(c["text"]), "label_column": c["label"],
         "labels_file": str(Path(cfg.labels).resolve()) if cfg.labels else None, "splits": splits, "seed": cfg.seed,
         "image_size": cfg.image_size, "resize_mode": cfg.resize_mode, "jpeg_quality": cfg.jpeg_quality,
         "max_samples_per_shard": cfg.max_samples_per_shard, "max_shard_bytes": float(cfg.max_shard_bytes),
         "max_image_pixels": cfg.max_image_pixels, "max_image_bytes": cfg.max_image_bytes,
-        "attribute_columns": list(cfg.attribute_columns), "numeric_attributes": list(cfg.numeric_attributes),
+        "attribute_columns": list(c.get("attributes") or []), "numeric_attributes": list(cfg.numeric_attributes),
         "categorical_attributes": list(cfg.categorical_attributes), "attribute_min_count": cfg.attribute_min_count,
     }
 
@@ -124,7 +132,24 @@ def _prepare_state(layout: Layout, run_settings: dict, resume: bool, splits: Lis
     write_json_atomic(layout.state / "settings.json", run_settings)
 
 
-def _results(todo: List[Tuple[str, int, Task]], settings: ImageSettings, workers: int) -> Iterator[Result]:
+class Pending:
+    """The tasks still to process, in writing order (split by split): made lazily from the columnar plan, so a
+    run of millions of rows never holds a Task per row. Iterating twice makes the same tasks again."""
+
+    def __init__(self, plan: Plan, rows: Dict[str, "object"], start: Dict[str, int]):
+        self.plan, self.rows, self.start = plan, rows, start  # rows: split -> owned rows; start: first position
+
+    def __len__(self) -> int:
+        return sum(len(rows) - self.start[split] for split, rows in self.rows.items())
+
+    def __iter__(self) -> Iterator[Tuple[str, int, Task]]:
+        for split, rows in self.rows.items():
+            start = self.start[split]
+            for pos, task in enumerate(self.plan.tasks(split, rows[start:]), start):
+                yield split, pos, task
+
+
+def _results(todo: Pending, settings: ImageSettings, workers: int) -> Iterator[Result]:
     if workers <= 1 or len(todo) < 2:
         previous = cv2.getNumThreads()
         cv2.setNumThreads(1)
@@ -139,31 +164,51 @@ def _results(todo: List[Tuple[str, int, Task]], settings: ImageSettings, workers
     ctx = mp.get_context("forkserver")
     with ctx.Pool(workers, initializer=init_worker, initargs=(settings,)) as pool:
         chunk = max(1, min(16, len(todo) // (workers * 8)))
-        results = pool.imap(process_task_in_worker, [t for _, _, t in todo], chunksize=chunk)
+        results = pool.imap(process_task_in_worker, (t for _, _, t in todo), chunksize=chunk)
         import webdataset  # noqa: F401  -- the writer's slow import (torch) overlaps the workers' start-up
         yield from results
+
+
+def _read_input(cfg) -> InputTable:
+    """The input as one table of string columns, whatever its layout (the one seam between input layouts and
+    the plan). The generic table: id/label/attribute columns for every row, the text and photo columns only for
+    the rows this run (or job-array slice) packs."""
+    input_path = Path(cfg.input)
+    columns = {"id": cfg.id_column, "image": cfg.image_column, "text": list(cfg.text_columns),
+               "label": cfg.label_column, "attributes": list(cfg.attribute_columns)}
+    table, problems = read_table(input_path, detect_format(input_path, cfg.format),
+                                 [cfg.id_column, cfg.label_column, *cfg.attribute_columns],
+                                 row_columns=[cfg.image_column, *cfg.text_columns],
+                                 slice_index=cfg.slice_index, num_slices=cfg.num_slices)
+    images_root = Path(cfg.images_root) if cfg.images_root else input_path.parent
+    return InputTable(table=table, problems=problems, images_root=images_root, files=[input_path], layout="table",
+                      columns=columns)
+
+
+def plan_input(cfg) -> Tuple[InputTable, Plan]:
+    """Read the input and plan it: labels, splits, packing order, rejections, attribute kinds (no photo is
+    opened). What ``mmcat pack`` does before writing; ``benchmarks/bench_plan.py`` times it."""
+    _validate(cfg)
+    source = _read_input(cfg)
+    if not source.images_root.is_dir():
+        raise ConfigError(f"--images-root {source.images_root}: not a directory")
+    plan = build_plan(source, cfg)
+    plan.kinds = _attribute_kinds(cfg, plan)
+    return source, plan
 
 
 def pack(cfg) -> dict:
     """Pack the table ``cfg.input`` into WebDataset shards under ``cfg.out``; returns the manifest dict."""
     splits = _validate(cfg)
-    input_path = Path(cfg.input)
-    fmt = detect_format(input_path, cfg.format)
-    required = list(dict.fromkeys([cfg.id_column, cfg.image_column, *cfg.text_columns, cfg.label_column,
-                                   *cfg.attribute_columns]))
-    rows, problems = read_table(input_path, fmt, required)
-    images_root = Path(cfg.images_root) if cfg.images_root else input_path.parent
-    if not images_root.is_dir():
-        raise ConfigError(f"--images-root {images_root}: not a directory")
-    plan = build_plan(rows, cfg, images_root, problems)
-    kinds = _type_attributes(cfg, plan)
-    settings = _settings(cfg, input_path, fmt, images_root, splits)
+    source, plan = plan_input(cfg)
+    settings = _settings(cfg, source, splits)
     layout = Layout(Path(cfg.out), cfg.slice_index, cfg.num_slices)
     with writing(layout.out):  # a read-only or full file system, or an --out below a regular file
         layout.out.mkdir(parents=True, exist_ok=True)
         _prepare_state(layout, dict(settings, slice_index=cfg.slice_index, num_slices=cfg.num_slices), cfg.resume,
                        list(splits))
 
+    kinds = plan.kinds or {}
     writers, done, todo = _open_writers(cfg, plan, layout, list(splits), kinds)
     image_settings = ImageSettings(cfg.image_size, cfg.resize_mode, cfg.jpeg_quality, cfg.max_image_pixels,
                                    cfg.max_image_bytes)
@@ -172,37 +217,42 @@ def pack(cfg) -> dict:
             writers[split].add(pos, task.key, result)
             bar.update(1)
     for split, writer in writers.items():
-        writer.finish(len(_owned_tasks(plan, layout, split)))
+        writer.finish(len(todo.rows[split]))
     records = {split: done[split] + writers[split].records for split in splits}
     return _write_summary(cfg, plan, layout, settings, records, kinds)
 
 
-def _type_attributes(cfg, plan: Plan) -> Kinds:
-    """Decide the attribute kinds from the plan's train rows (the whole table's, so every slice agrees) and turn
-    each task's cells into the values its sample stores."""
-    if not cfg.attribute_columns:
-        return {}
-    kinds = infer_kinds(cfg, [t.attributes for t in plan.tasks.get(FIT_SPLIT, [])])
-    for tasks in plan.tasks.values():
-        for task in tasks:
-            task.attributes = typed_values(task.attributes, kinds)
+def _attribute_kinds(cfg, plan: Plan) -> Kinds:
+    """The attribute kinds, from the plan's train rows (the whole table's, so every slice agrees): forced by
+    --numeric/--categorical-attributes, else numeric when at least 95 % of a column's non-empty train cells are
+    finite floats (:func:`mmcat.pack.attributes.infer_kinds`, counted column by column instead of a dict per
+    row)."""
+    kinds: Kinds = {}
+    train = plan.order.get(FIT_SPLIT, [])
+    for col in cfg.attribute_columns:
+        if col in cfg.numeric_attributes:
+            kinds[col] = "numeric"
+        elif col in cfg.categorical_attributes:
+            kinds[col] = "categorical"
+        else:
+            present = numeric = 0
+            for cell in plan.cells(col, train):
+                if cell is not None:
+                    present += 1
+                    numeric += parse_number(cell) is not None
+            kinds[col] = "numeric" if present and numeric >= NUMERIC_SHARE * present else "categorical"
     return kinds
 
 
-def _owned_tasks(plan: Plan, layout: Layout, split: str) -> List[Task]:
-    """The tasks of ``split`` that this run (the whole table, or one slice) packs, in writing order."""
-    return [t for t in plan.tasks[split] if layout.owns_row(t.row)]
-
-
 def _open_writers(cfg, plan: Plan, layout: Layout, splits: List[str], kinds: Kinds
-                  ) -> Tuple[Dict[str, SplitWriter], Dict[str, List[dict]], List[Tuple[str, int, Task]]]:
+                  ) -> Tuple[Dict[str, SplitWriter], Dict[str, List[dict]], Pending]:
     """A writer per split, positioned after the shards a resumed run already finished; returns (writers, records of
     the finished shards per split, the tasks still to process in writing order)."""
     writers: Dict[str, SplitWriter] = {}
     done: Dict[str, List[dict]] = {}
-    todo: List[Tuple[str, int, Task]] = []
+    owned, starts = {}, {}
     for split in splits:
-        mine = _owned_tasks(plan, layout, split)
+        owned[split] = plan.owned(split, layout.slice_index, layout.num_slices)
         shard_dir, state_dir = layout.out / split, layout.state / split
         done[split] = load_records(state_dir, shard_dir) if cfg.resume else []
         start = done[split][-1]["end"] if done[split] else 0
@@ -214,8 +264,8 @@ def _open_writers(cfg, plan: Plan, layout: Layout, splits: List[str], kinds: Kin
         writers[split] = SplitWriter(shard_dir, state_dir, layout.shard_name, plan.labels, cfg.max_samples_per_shard,
                                      cfg.max_shard_bytes, next_index=len(done[split]), next_pos=start,
                                      attribute_kinds=kinds if kinds and split == FIT_SPLIT else None)
-        todo.extend((split, pos, task) for pos, task in enumerate(mine) if pos >= start)
-    return writers, done, todo
+        starts[split] = min(start, len(owned[split]))
+    return writers, done, Pending(plan, owned, starts)
 
 
 def _write_summary(cfg, plan: Plan, layout: Layout, settings: dict, records: Dict[str, List[dict]],

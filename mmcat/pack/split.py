@@ -8,8 +8,9 @@ input table is sorted by category, and adding rows later does not reshuffle the 
 """
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
 from mmcat.errors import ConfigError
 from mmcat.hashing import stable_hash
@@ -69,6 +70,63 @@ def assign_splits(items: Sequence[Tuple[str, str]], splits: Mapping[str, float],
             start += count
     for name in names:
         out[name].sort(key=lambda i: (stable_hash(seed, "order", i), i))
+    return out
+
+
+def hash_ids(ids: Sequence[str], seed: int, purpose: str):
+    """``stable_hash(seed, purpose, id)`` of every id, as a numpy uint64 array (one digest buffer, no int per id)."""
+    import numpy as np
+
+    start = hashlib.blake2b(f"{seed}\0{purpose}\0".encode(), digest_size=8).copy  # the prefix hashed once
+
+    def digest(id_: str) -> bytes:
+        h = start()
+        h.update(id_.encode())
+        return h.digest()
+
+    return np.frombuffer(b"".join(map(digest, ids)), ">u8").astype(np.uint64)
+
+
+def _ties_by_id(rows, hashes, id_of: Callable[[int], str], groups=None):
+    """``rows`` sorted by hash (within ``groups``): reorder the runs of equal hashes by id, as the (hash, id) sort
+    key of :func:`assign_splits` does. Such runs need two ids with the same 64-bit hash: they are checked, not
+    expected."""
+    import numpy as np
+
+    h = hashes[rows]
+    same = h[1:] == h[:-1]
+    if groups is not None:
+        same &= groups[1:] == groups[:-1]
+    for start in np.flatnonzero(same & ~np.concatenate([[False], same[:-1]])):
+        end = start + 1
+        while end < len(same) and same[end]:
+            end += 1
+        rows[start:end + 1] = sorted(rows[start:end + 1].tolist(), key=id_of)
+    return rows
+
+
+def assign_split_rows(rows, label_codes, split_hash, order_hash, id_of: Callable[[int], str],
+                      splits: Mapping[str, float]) -> Dict[str, "object"]:
+    """:func:`assign_splits` on columns: ``rows`` (numpy int64 row numbers with unique ids), ``label_codes`` (one
+    per row, equal for equal labels), ``split_hash``/``order_hash`` (:func:`hash_ids`, indexed by row number) ->
+    {split: numpy array of row numbers in packing order}. The same assignment and order as :func:`assign_splits`
+    for the rows' (id, label) pairs, without a Python object per row."""
+    import numpy as np
+
+    names = list(splits)
+    by_label = np.lexsort((split_hash[rows], label_codes))  # per label, by split hash
+    ordered = _ties_by_id(rows[by_label], split_hash, id_of, groups=label_codes[by_label])
+    codes = label_codes[by_label]
+    which = np.empty(len(ordered), np.int64)  # split number of each row of `ordered`
+    bounds = np.flatnonzero(np.diff(codes)) + 1
+    for start, end in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(codes)]])):
+        counts = allocate(int(end - start), [splits[n] for n in names])
+        which[start:end] = np.repeat(np.arange(len(names)), counts)
+    out = {}
+    for k, name in enumerate(names):
+        members = ordered[which == k]
+        members = members[np.argsort(order_hash[members], kind="stable")]
+        out[name] = _ties_by_id(members, order_hash, id_of)
     return out
 
 

@@ -1,33 +1,49 @@
-"""Read the product table (CSV/TSV, JSON Lines, Parquet) into rows of strings.
+"""Read the product table (CSV/TSV, JSON Lines, Parquet, each optionally ``.gz``) as string columns.
 
-Every value becomes a ``str`` (missing/null -> ""), so later stages see one type whatever the format. A table that
-cannot be read, lacks a required column or has no data rows is a one-line ``ConfigError`` naming the file and the
-column. A CSV row whose field count differs from the header's (an unquoted comma shifts every later column, the
-label included) is not guessed at: it is returned as a problem and rejected as ``csv_field_count``.
+Every value becomes a ``str`` (numbers such as ``00123`` or ``1280`` are never parsed; a missing/null cell -> "")
+so later stages see one type whatever the format. A table that cannot be read, lacks a required column or has no
+data rows is a one-line ``ConfigError`` naming the file and the column. A CSV row whose field count differs from the
+header's (an unquoted comma shifts every later column, the label included) is not guessed at: it is returned as a
+problem and rejected as ``csv_field_count``.
 
-:func:`read_table` reads a whole table (packing needs every row for its splits); :class:`TableStream` reads one
-incrementally, in bounded memory (``mmcat predict``).
+:func:`read_table` reads a whole table for packing with pyarrow, streamed in record batches and column-pruned:
+packing needs every row's id and label (splits, label map) but a job-array slice needs the text and photo path of
+its own rows only, so those columns are read only for the rows a slice owns. :class:`TableStream` reads a table
+row by row in bounded memory (``mmcat predict``).
 """
 from __future__ import annotations
 
 import csv
+import gzip
+import io
 import json
 import math
+import shutil
+import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from mmcat.errors import ConfigError
 
 EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+BATCH_BYTES = 2 << 20  # CSV block (a row must fit in one): bigger blocks leave more freed memory behind
+BATCH_ROWS = 65536  # JSON Lines / Parquet rows per record batch
+
+
+def _suffix(path: Path) -> str:
+    """The table extension, looking through a ``.gz`` (``products.csv.gz`` -> ``.csv``)."""
+    name = path.name.lower()
+    return Path(name[:-3]).suffix if name.endswith(".gz") else path.suffix.lower()
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
     if fmt != "auto":
         return fmt
     try:
-        return EXTENSIONS[path.suffix.lower()]
+        return EXTENSIONS[_suffix(path)]
     except KeyError:
         raise ConfigError(f"input {path}: cannot tell the format from the extension; pass --format csv|jsonl|parquet") from None
 
@@ -41,31 +57,33 @@ def _as_str(value: Any) -> str:
 
 
 Problems = Dict[int, str]  # row index (0 = first data row) -> why the row cannot be used as read
-Table = Tuple[List[str], List[Dict[str, Any]], Problems]  # (columns, rows, problems)
 
 
-def _read_csv(path: Path) -> Table:
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    rows: List[Dict[str, Any]] = []
-    problems: Problems = {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        for row in reader:
-            # DictReader files extra fields under the key None and fills missing ones with None
-            extra, missing = len(row.get(None) or ()), sum(v is None for k, v in row.items() if k is not None)
-            if extra or missing:
-                n = len(reader.fieldnames) + extra - missing
-                problems[len(rows)] = f"line {reader.line_num}: {n} fields, the header has {len(reader.fieldnames)}"
-            rows.append(row)
-        columns = list(reader.fieldnames or [])
-    if not columns:
-        raise ConfigError(f"input {path}: empty table (no header row, no data rows)")
-    return columns, rows, problems
+@dataclass
+class InputTable:
+    """What ``mmcat pack`` plans from, whatever the input layout (the generic table, or a public layout reader):
+    ``table`` holds string columns (nulls allowed: "not read" or missing), one row per data row in input order;
+    ``problems`` marks the rows that cannot be used as read; ``files`` are hashed into the manifest settings;
+    ``columns`` names the columns to use: ``{"id", "image", "label": str, "text", "attributes": [str]}``."""
+
+    table: Any  # pyarrow.Table
+    problems: Problems
+    images_root: Path
+    files: List[Path]
+    layout: str  # "table" for the generic path
+    columns: dict = field(default_factory=dict)
+
+
+def _open_text(path: Path):
+    """A text file, or the text inside a ``.gz`` file (UTF-8, a leading BOM dropped)."""
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def _jsonl_objects(path: Path) -> Iterator[Tuple[Optional[Dict[str, Any]], Optional[str]]]:
     """(object, None) per non-blank line of a JSON Lines file, or (None, why) for a line that is no JSON object."""
-    with open(path, encoding="utf-8-sig") as f:
+    with _open_text(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -77,49 +95,301 @@ def _jsonl_objects(path: Path) -> Iterator[Tuple[Optional[Dict[str, Any]], Optio
             yield (obj, None) if isinstance(obj, dict) else (None, f"line {n} is not a JSON object")
 
 
-def _read_jsonl(path: Path) -> Table:
-    rows = []
-    for obj, why in _jsonl_objects(path):
-        if why is not None:
-            raise ConfigError(f"input {path}: {why}")
-        rows.append(obj)
-    columns: List[str] = []
-    for r in rows:  # union of keys in first-seen order
-        columns.extend(k for k in r if k not in columns)
-    return columns, rows, {}
+# --------------------------------------------------------------------------------- whole table, with pyarrow
+def _string_array(arr):
+    """A pyarrow array as strings, values as :func:`_as_str` writes them (null stays null)."""
+    import pyarrow as pa
+
+    t = arr.type
+    if pa.types.is_string(t):
+        return arr
+    view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow >= 16
+    if pa.types.is_large_string(t) or view(t) or pa.types.is_integer(t) or \
+            (pa.types.is_dictionary(t) and pa.types.is_string(t.value_type)):
+        return arr.cast(pa.string())
+    if pa.types.is_null(t):
+        return pa.nulls(len(arr), pa.string())
+    # floats, booleans, dates, nested ...: exactly as the row-by-row reader writes them
+    return pa.array([None if v is None else _as_str(v) for v in arr.to_pylist()], pa.string())
 
 
-def _read_parquet(path: Path) -> Table:
-    import pyarrow.parquet as pq
+def _filled(arr):
+    import pyarrow.compute as pc
 
-    table = pq.read_table(path)
-    return list(table.column_names), table.to_pylist(), {}
+    return pc.fill_null(arr, "") if arr.null_count else arr
 
 
-def read_table(path: str | Path, fmt: str, required: Sequence[str]) -> Tuple[List[Dict[str, str]], Problems]:
-    """(rows as dicts of strings with every column in ``required``, problem rows); ConfigError otherwise."""
+class _Batches:
+    """A table read as record batches of string columns, each with the 0-based data-row index of its rows.
+    CSV rows with another field count than the header are not in the batches: they land in ``bad``
+    (row index -> (detail, {column: value as split})) and their index is skipped."""
+
+    def __init__(self, path: Path, fmt: str):
+        self.path, self.fmt = path, fmt
+        self.bad: Dict[int, Tuple[str, Dict[str, str]]] = {}
+
+    # -- columns
+    def columns(self) -> Optional[List[str]]:
+        """The header's columns (None for JSON Lines: its columns are the keys its lines have, known once read)."""
+        if self.fmt == "csv":
+            return self._csv_header()
+        if self.fmt == "parquet":
+            with self._parquet() as f:
+                return list(f.schema_arrow.names)
+        return None
+
+    # -- batches: Iterator[(pyarrow.Table of str columns, numpy int64 data-row indices)]
+    def batches(self, wanted: Sequence[str]):
+        yield from {"csv": self._csv, "jsonl": self._jsonl, "parquet": self._parquet_batches}[self.fmt](list(wanted))
+
+    # CSV --------------------------------------------------------------------------------------------------------
+    def _delimiter(self) -> str:
+        return "\t" if _suffix(self.path) == ".tsv" else ","
+
+    def _csv_reader(self, wanted: Optional[List[str]], on_bad: Callable):
+        import pyarrow as pa
+        import pyarrow.csv as pcsv
+
+        convert = pcsv.ConvertOptions(column_types={c: pa.string() for c in wanted or []},
+                                      include_columns=wanted or [], strings_can_be_null=False)
+        # serial: invalid rows reach the handler in file order with their record number (the header is record 1)
+        return pcsv.open_csv(self.path, read_options=pcsv.ReadOptions(use_threads=False, block_size=BATCH_BYTES),
+                             memory_pool=_reading_pool(),
+                             parse_options=pcsv.ParseOptions(delimiter=self._delimiter(), newlines_in_values=True,
+                                                             invalid_row_handler=on_bad),
+                             convert_options=convert)
+
+    def _csv_header(self) -> List[str]:
+        import pyarrow as pa
+
+        try:
+            with self._csv_reader(None, lambda row: "skip") as reader:
+                return list(reader.schema.names)
+        except pa.ArrowInvalid as exc:
+            if "Empty CSV file" in str(exc):
+                raise ConfigError(f"input {self.path}: empty table (no header row, no data rows)") from None
+            raise
+
+    def _csv(self, wanted: List[str]):
+        import pyarrow as pa
+
+        header = self._csv_header()
+        found: List[int] = []
+
+        def on_bad(row) -> str:
+            index = row.number - 2  # record number -> data-row index
+            found.append(index)
+            if index not in self.bad:
+                fields = next(csv.reader(io.StringIO(row.text, newline=""), delimiter=self._delimiter()), [])
+                values = dict(zip(header, fields))
+                self.bad[index] = (f"{row.actual_columns} fields, the header has {row.expected_columns}: "
+                                   f"{row.text[:80]}", values)
+            return "skip"
+
+        start = 0  # data-row index of the next good row (before skipping bad ones)
+        with self._csv_reader(wanted, on_bad) as reader:
+            for batch in reader:
+                idx = _good_indices(start, batch.num_rows, found)
+                yield pa.Table.from_batches([batch]), idx
+                start = int(idx[-1]) + 1 if len(idx) else start
+                found[:] = [b for b in found if b >= start]  # only bad rows still ahead matter
+
+    # JSON Lines -------------------------------------------------------------------------------------------------
+    def _jsonl(self, wanted: List[str]):
+        """Parsed line by line (``json``): a value's string is exactly what the row-by-row reader gives, whatever
+        mix of types a column has; a line that is no JSON object is a ConfigError naming it, as before."""
+        import numpy as np
+        import pyarrow as pa
+
+        self.keys: Dict[str, None] = {}
+        values: Dict[str, List[Optional[str]]] = {c: [] for c in wanted}
+        start = n = 0
+        for record, why in _jsonl_objects(self.path):
+            if why is not None:
+                raise ConfigError(f"input {self.path}: {why}")
+            self.keys.update(dict.fromkeys(record))  # union of keys in first-seen order
+            for c, column in values.items():
+                value = record.get(c)
+                column.append(None if value is None else _as_str(value))
+            n += 1
+            if n - start == BATCH_ROWS:
+                yield pa.table({c: pa.array(v, pa.string()) for c, v in values.items()}), np.arange(start, n)
+                values = {c: [] for c in wanted}
+                start = n
+        if n > start:
+            yield pa.table({c: pa.array(v, pa.string()) for c, v in values.items()}), np.arange(start, n)
+
+    # Parquet ----------------------------------------------------------------------------------------------------
+    @contextmanager
+    def _parquet(self):
+        import pyarrow.parquet as pq
+
+        if not self.path.name.lower().endswith(".gz"):
+            with pq.ParquetFile(self.path) as f:
+                yield f
+            return
+        with tempfile.TemporaryFile() as tmp:  # Parquet needs a seekable file: decompress to disk, not to memory
+            with gzip.open(self.path, "rb") as src:
+                shutil.copyfileobj(src, tmp, 1 << 20)
+            tmp.seek(0)
+            with pq.ParquetFile(tmp) as f:
+                yield f
+
+    def _parquet_batches(self, wanted: List[str]):
+        import numpy as np
+        import pyarrow as pa
+
+        start = 0
+        with self._parquet() as f:
+            for batch in f.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
+                table = pa.table({c: _string_array(batch.column(c)) for c in wanted})
+                yield table, np.arange(start, start + batch.num_rows)
+                start += batch.num_rows
+
+
+def _reading_pool():
+    """jemalloc where pyarrow has it: the CSV reader frees a parse buffer per block while the columns it keeps
+    grow, and jemalloc reuses those holes better than the default pool (about 20 % less peak memory at 1M
+    rows); the default pool elsewhere."""
+    import pyarrow as pa
+
+    try:
+        return pa.jemalloc_memory_pool()
+    except NotImplementedError:
+        return None
+
+
+def _good_indices(start: int, count: int, bad: List[int]):
+    """The data-row indices of ``count`` good rows read from ``start`` on, skipping the ``bad`` indices."""
+    import numpy as np
+
+    skip = sorted(b for b in bad if b >= start)  # (the handler saw them in file order; sorted to be sure)
+    out = np.empty(count, np.int64)
+    i, pos = 0, start
+    for b in skip:  # bad rows are rare: fill the runs between them
+        if i == count:
+            break
+        run = min(b - pos, count - i)
+        if run > 0:
+            out[i:i + run] = np.arange(pos, pos + run)
+            i += run
+            pos += run
+        if pos == b:
+            pos += 1
+    if i < count:
+        out[i:] = np.arange(pos, pos + count - i)
+    return out
+
+
+def read_table(path: str | Path, fmt: str, required: Sequence[str], *, row_columns: Sequence[str] = (),
+               slice_index: int = 0, num_slices: int = 1) -> Tuple[Any, Problems]:
+    """(a pyarrow.Table of string columns, problem rows); ConfigError otherwise.
+
+    ``required`` columns are read for every row; ``row_columns`` (checked to exist too) only for the rows
+    ``slice_index::num_slices`` (0-based data rows), null elsewhere -- a job-array slice holds its own rows' text
+    and photo paths only. Values read are strings, "" for a missing cell; a problem row (a CSV row with another
+    field count than the header) keeps the values as split, in its place."""
     path = Path(path)
     fmt = detect_format(path, fmt)
     if not path.is_file():
         raise ConfigError(f"input {path}: file not found")
     if path.stat().st_size == 0:
         raise ConfigError(f"input {path}: empty file, no data rows")
-    reader = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}[fmt]
+    batches = _Batches(path, fmt)
     try:
-        columns, raw, problems = reader(path)
+        return _read(batches, list(dict.fromkeys(required)),
+                     [c for c in dict.fromkeys(row_columns) if c not in required], slice_index, num_slices)
     except ConfigError:
         raise
     except UnicodeDecodeError as exc:
         raise ConfigError(f"input {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except Exception as exc:  # csv.Error, pyarrow.ArrowInvalid, OSError, ...
+    except Exception as exc:  # pyarrow.ArrowInvalid, OSError, gzip.BadGzipFile, ...
         first = str(exc).splitlines()[0] if str(exc) else ""
+        if "invalid UTF8" in first:
+            raise ConfigError(f"input {path}: not UTF-8 text ({first})") from None
         raise ConfigError(f"input {path}: unreadable {fmt} file ({type(exc).__name__}: {first})") from None
-    if not raw:
-        raise ConfigError(f"input {path}: no data rows")
-    for col in required:
+
+
+def _read(batches: _Batches, required: List[str], row_columns: List[str], slice_index: int, num_slices: int):
+    columns = batches.columns()
+    if columns is not None and any(c not in columns for c in required + row_columns):
+        # a missing column is named without reading the whole table (a table without rows says so first)
+        peek = next(iter(batches.batches(columns[:1])), None)
+        if not batches.bad and (peek is None or peek[0].num_rows == 0):
+            raise ConfigError(f"input {batches.path}: no data rows")
+        _check_columns(batches.path, columns, required + row_columns)
+    one_pass = num_slices == 1 or not row_columns
+    wanted = required + row_columns if one_pass else required
+    pieces, indices = [], []
+    for table, idx in batches.batches(wanted):
+        if len(idx):
+            pieces.append(table)
+            indices.append(idx)
+    total = max([int(i[-1]) + 1 for i in indices] + [b + 1 for b in batches.bad] + [0])
+    if total == 0:
+        raise ConfigError(f"input {batches.path}: no data rows")
+    if columns is None:
+        _check_columns(batches.path, list(batches.keys), required + row_columns)
+    table = _in_row_order(pieces, indices, batches.bad, wanted)
+    del pieces
+    if not one_pass:  # the second pass: this slice's rows of the big columns, null in the others' rows
+        table = _add_owned_columns(table, batches, row_columns, slice_index, num_slices)
+    return table, {i: detail for i, (detail, _) in sorted(batches.bad.items())}
+
+
+def _check_columns(path: Path, columns: List[str], needed: List[str]) -> None:
+    for col in needed:
         if col not in columns:
             raise ConfigError(f"input {path}: missing column '{col}' (columns: {', '.join(map(str, columns)) or 'none'})")
-    return [{k: _as_str(r.get(k)) for k in required} for r in raw], problems
+
+
+def _add_owned_columns(table, batches: _Batches, row_columns: List[str], slice_index: int, num_slices: int):
+    """``row_columns`` read again, keeping the rows ``slice_index::num_slices`` only; null in every other row."""
+    import numpy as np
+    import pyarrow as pa
+
+    owned, owned_idx = [], []
+    for part, idx in batches.batches(row_columns):
+        keep = np.flatnonzero(idx % num_slices == slice_index)
+        owned.append(part.take(pa.array(keep)))
+        owned_idx.append(idx[keep])
+    values = pa.concat_tables(owned) if owned else pa.table({c: pa.array([], pa.string()) for c in row_columns})
+    where = np.full(table.num_rows, -1, np.int64)  # row -> its position among the owned values, -1: not owned
+    if owned_idx:
+        flat = np.concatenate(owned_idx)
+        where[flat] = np.arange(len(flat))
+    take = pa.array(where, mask=where < 0)
+    for col in row_columns:
+        table = table.append_column(col, _filled(values.column(col)).combine_chunks().take(take))
+    return table
+
+
+def _in_row_order(pieces: List[Any], indices: List[Any], bad: Dict[int, Tuple[str, Dict[str, str]]],
+                  wanted: List[str]):
+    """The good rows' batches with the bad rows put back in their places: one row per data row."""
+    import pyarrow as pa
+
+    def bad_rows(rows: List[int]):
+        return pa.table({c: pa.array([bad[i][1].get(c) or "" for i in rows], pa.string()) for c in wanted})
+
+    schema = pa.schema([(c, pa.string()) for c in wanted])
+    out, pending = [], sorted(bad)
+    for table, idx in zip(pieces, indices):
+        table = pa.table({c: _filled(table.column(c)) for c in wanted}, schema=schema)
+        pos = 0
+        while pending and len(idx) and pending[0] < idx[-1]:  # a bad row inside (or before) this batch
+            cut = int((idx < pending[0]).sum())
+            if cut > pos:
+                out.append(table.slice(pos, cut - pos))
+                pos = cut
+            run = [pending.pop(0)]
+            while pending and pending[0] == run[-1] + 1:
+                run.append(pending.pop(0))
+            out.append(bad_rows(run))
+        out.append(table.slice(pos))
+    if pending:
+        out.append(bad_rows(pending))
+    return pa.concat_tables(out) if out else schema.empty_table()
 
 
 # ------------------------------------------------------------------------------------------- streaming reader
