@@ -18,6 +18,7 @@ from tqdm import tqdm
 from mmcat.errors import ConfigError
 from mmcat.pack.attributes import (ATTRIBUTE_STATS, FIT_SPLIT, Kinds, check_attribute_settings, infer_kinds,
                                    merged_stats, typed_values)
+from mmcat.pack.layouts import LABEL_FIELDS, InputTable, read_layout
 from mmcat.pack.manifest import build_manifest, records_summary, sort_failures, sum_notes, write_dataset_files
 from mmcat.pack.plan import Plan, Task, build_plan
 from mmcat.pack.tables import detect_format, read_table
@@ -77,11 +78,50 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _settings(cfg, input_path: Path, fmt: str, images_root: Path, splits: Dict[str, float]) -> dict:
+def _read_input(cfg) -> InputTable:
+    """The input as one form, whatever it is: a public layout (``--format rakuten|rakuten-ens|abo|fashion``, or one
+    ``--format auto`` recognises from the files present) or a generic table (CSV/TSV, JSON Lines, Parquet)."""
+    layout = read_layout(cfg, str(cfg.format))
+    if layout is not None:
+        missing = [c for c in cfg.attribute_columns if c not in layout.table.column_names]
+        if missing:
+            raise ConfigError(f"--attribute-columns: '{missing[0]}' is not a field of the {layout.layout} layout "
+                              f"(fields: {', '.join(layout.table.column_names)})")
+        return layout
+    import pyarrow as pa
+
+    input_path = Path(cfg.input)
+    fmt = detect_format(input_path, cfg.format)
+    columns = {"id": cfg.id_column, "image": cfg.image_column, "text": list(cfg.text_columns),
+               "label": cfg.label_column, "attributes": list(cfg.attribute_columns)}
+    required = list(dict.fromkeys([cfg.id_column, cfg.image_column, *cfg.text_columns, cfg.label_column,
+                                   *cfg.attribute_columns]))
+    rows, problems = read_table(input_path, fmt, required)
+    table = pa.table({c: pa.array([r[c] for r in rows], type=pa.string()) for c in required})
+    images_root = Path(cfg.images_root) if cfg.images_root else input_path.parent
+    return InputTable(table, problems, images_root, [input_path], "table", columns)
+
+
+def _with_columns(cfg, columns: dict):
+    """``cfg`` naming the InputTable's columns (a layout's are id, image, title+description, label)."""
+    from omegaconf import OmegaConf
+
+    names = {"id_column": columns["id"], "image_column": columns["image"], "text_columns": list(columns["text"]),
+             "label_column": columns["label"]}
+    if all(str(getattr(cfg, k)) == str(v) for k, v in names.items()):
+        return cfg
+    return OmegaConf.merge(cfg, names)
+
+
+def _settings(cfg, inp: InputTable, splits: Dict[str, float]) -> dict:
     """Everything that determines the output bytes (not workers/resume/slice): stored in the manifest."""
+    fmt = inp.layout if inp.layout != "table" else detect_format(Path(cfg.input), cfg.format)
     return {
-        "input": str(input_path.resolve()), "input_sha256": _file_sha256(input_path), "format": fmt,
-        "images_root": str(images_root.resolve()), "id_column": cfg.id_column, "image_column": cfg.image_column,
+        "input": str(Path(cfg.input).resolve()), "layout": inp.layout, "format": fmt,
+        "input_files": {str(p.resolve()): _file_sha256(p) for p in inp.files},
+        "label_field": (cfg.label_field or LABEL_FIELDS[inp.layout]) if inp.layout in LABEL_FIELDS else None,
+        "language": cfg.language if inp.layout == "abo" else None,
+        "images_root": str(inp.images_root.resolve()), "id_column": cfg.id_column, "image_column": cfg.image_column,
         "text_columns": list(cfg.text_columns), "label_column": cfg.label_column,
         "labels_file": str(Path(cfg.labels).resolve()) if cfg.labels else None, "splits": splits, "seed": cfg.seed,
         "image_size": cfg.image_size, "resize_mode": cfg.resize_mode, "jpeg_quality": cfg.jpeg_quality,
@@ -147,17 +187,14 @@ def _results(todo: List[Tuple[str, int, Task]], settings: ImageSettings, workers
 def pack(cfg) -> dict:
     """Pack the table ``cfg.input`` into WebDataset shards under ``cfg.out``; returns the manifest dict."""
     splits = _validate(cfg)
-    input_path = Path(cfg.input)
-    fmt = detect_format(input_path, cfg.format)
-    required = list(dict.fromkeys([cfg.id_column, cfg.image_column, *cfg.text_columns, cfg.label_column,
-                                   *cfg.attribute_columns]))
-    rows, problems = read_table(input_path, fmt, required)
-    images_root = Path(cfg.images_root) if cfg.images_root else input_path.parent
-    if not images_root.is_dir():
-        raise ConfigError(f"--images-root {images_root}: not a directory")
-    plan = build_plan(rows, cfg, images_root, problems)
+    inp = _read_input(cfg)
+    if not inp.images_root.is_dir():
+        raise ConfigError(f"--images-root {inp.images_root}: not a directory")
+    cfg = _with_columns(cfg, inp.columns)  # a layout's own column names (the plan reads them from cfg)
+    rows = [{k: v or "" for k, v in r.items()} for r in inp.table.to_pylist()]  # adapter: pyarrow -> the plan's rows
+    plan = build_plan(rows, cfg, inp.images_root, inp.problems)
     kinds = _type_attributes(cfg, plan)
-    settings = _settings(cfg, input_path, fmt, images_root, splits)
+    settings = _settings(cfg, inp, splits)
     layout = Layout(Path(cfg.out), cfg.slice_index, cfg.num_slices)
     with writing(layout.out):  # a read-only or full file system, or an --out below a regular file
         layout.out.mkdir(parents=True, exist_ok=True)

@@ -140,8 +140,9 @@ def _screen_rows(rows: Sequence[Dict[str, str]], cfg, allowed: Optional[set],
         id_ = r[cfg.id_column].strip()
         label = r[cfg.label_column].strip()
         key = safe_key(id_)
-        if i in problems:
-            reject(row, id_, "csv_field_count", detail=problems[i])
+        if i in problems:  # a str: a CSV row of another field count; a layout's (reason, detail) otherwise
+            reason, detail = problems[i] if isinstance(problems[i], tuple) else ("csv_field_count", problems[i])
+            reject(row, id_, reason, detail=detail)
         elif not id_:
             reject(row, id_, "id_missing")
         elif not label:
