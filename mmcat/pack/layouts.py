@@ -56,16 +56,21 @@ class _TextOnly(HTMLParser):
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.parts: List[str] = []
+        self.hidden = 0  # inside <script>/<style>: code, not product text
 
     def handle_data(self, data: str) -> None:
-        self.parts.append(data)
+        if not self.hidden:
+            self.parts.append(data)
 
     def handle_starttag(self, tag: str, attrs) -> None:
+        self.hidden += tag in ("script", "style")
         if tag in _BREAKS:
             self.parts.append(" ")
 
     def handle_endtag(self, tag: str) -> None:
-        self.handle_starttag(tag, [])
+        self.hidden = max(0, self.hidden - (tag in ("script", "style")))
+        if tag in _BREAKS:
+            self.parts.append(" ")
 
 
 def strip_html(text: str) -> str:
@@ -279,12 +284,15 @@ def _abo_images(meta: Path) -> Dict[str, str]:
 def _json_lines(path: Path) -> Iterator[Tuple[int, Dict[str, Any], Optional[str]]]:
     """(line number, object, None) per JSON object line of a .json(.gz) file, (line, {}, why) for a bad line."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with opener(path, "rb") as f:
+        for n, raw in enumerate(f, 1):  # bytes, decoded per line: one bad byte costs one listing, not the file
+            if not raw.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                yield n, {}, f"not UTF-8 ({exc.reason} at byte {exc.start})"
+                continue
             except json.JSONDecodeError as exc:
                 yield n, {}, f"not valid JSON ({exc.msg})"
                 continue
@@ -370,8 +378,11 @@ def check_layout_settings(cfg, layout: str) -> None:
                               + (" (choose the label with --label-field)" if key == "label_column" else ""))
     if cfg.label_field and layout in ("rakuten", "rakuten-ens"):
         raise ConfigError(f"--label-field: the {layout} layout's label is always the product type code")
-    if cfg.label_field and cfg.label_field in cfg.attribute_columns:
-        raise ConfigError(f"--attribute-columns: '{cfg.label_field}' is the label field")
+    label_field = cfg.label_field or LABEL_FIELDS.get(layout)
+    for name in cfg.attribute_columns:  # the label (or its field) as an input would leak it
+        if name in BASE_COLUMNS or name == label_field:
+            raise ConfigError(f"--attribute-columns: '{name}' is the {layout} layout's "
+                              f"{'label field' if name == label_field else name + ' column'}")
 
 
 def read_layout(cfg, requested: str) -> Optional[InputTable]:
@@ -381,7 +392,9 @@ def read_layout(cfg, requested: str) -> Optional[InputTable]:
     if requested not in LAYOUTS and requested != "auto":
         return None
     if not path.exists():
-        raise ConfigError(f"input {path}: not found")
+        if requested == "auto":
+            return None  # the table reader says it in its words ("file not found")
+        raise ConfigError(f"input {path}: no such file or folder")
     layout = requested if requested != "auto" else detect_layout(path)
     if layout is None:
         return None
