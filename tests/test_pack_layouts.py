@@ -335,3 +335,23 @@ def test_inspect_names_the_layout(rakuten, capsys):
     work, _, _ = rakuten
     inspect_dataset(work / "packed")
     assert f"  read as the rakuten layout from {work / 'raw'}\n" in capsys.readouterr().out
+
+
+def test_layout_output_is_the_same_with_workers_and_with_slices(tmp_path):
+    """A layout goes through the table's writer: byte-identical shards with 2 workers; slices + pack-merge hold the
+    same samples and failures as one run."""
+    from mmcat.pack.merge import merge_slices
+
+    want = write_fashion(tmp_path / "f")
+    one = pack(tmp_path / "f", tmp_path / "one")
+    pack(tmp_path / "f", tmp_path / "two", workers=2)
+    shards = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").glob("*/shard-*.tar"))
+    assert shards and shards == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").glob("*/shard-*.tar"))
+    for rel in [*shards, Path("failures.jsonl"), Path("labels.json")]:
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
+    for i in range(2):
+        pack(tmp_path / "f", tmp_path / "sliced", slice_index=i, num_slices=2)
+    merged = merge_slices(tmp_path / "sliced")
+    assert read_back(tmp_path / "sliced") == read_back(tmp_path / "one") == want["samples"]
+    assert failures(tmp_path / "sliced") == want["failures"]
+    assert merged["settings"] == one["settings"] and merged["settings"]["layout"] == "fashion"
