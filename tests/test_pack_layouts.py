@@ -325,7 +325,7 @@ def test_fashion_names_with_commas_label_column_and_failures(tmp_path):
     pack(tmp_path / "f", tmp_path / "a", format="fashion", label_field="articleType", attribute_columns=["gender"])
     got = read_back(tmp_path / "a")
     assert {k: v["label"] for k, v in got.items()} == want["article"]  # 15009 has an articleType
-    with pytest.raises(ConfigError, match="--label-field colour: not a column of styles.csv"):
+    with pytest.raises(ConfigError, match="--label-field colour: not a label column of styles.csv"):
         pack(tmp_path / "f", tmp_path / "x", format="fashion", label_field="colour")
 
 

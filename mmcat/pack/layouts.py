@@ -46,6 +46,10 @@ class InputTable:
 LABEL_FIELDS = {"abo": "product_type", "fashion": "masterCategory"}  # --label-field defaults
 LAYOUT_COLUMNS = {"id": "id", "image": "image", "text": ["title", "description"], "label": "label"}
 
+
+def _columns(cfg) -> Dict[str, Any]:
+    return dict(LAYOUT_COLUMNS, attributes=list(cfg.attribute_columns))
+
 # ---------------------------------------------------------------------------------------------------- text
 _BREAKS = {"br", "p", "div", "li", "ul", "ol", "tr", "td", "th", "h1", "h2", "h3", "h4", "h5", "h6", "table"}
 
@@ -185,7 +189,7 @@ def read_rakuten(path: Path, release: str, cfg) -> InputTable:
             problems[i] = ("label_missing", y_problems.get(id_, f"no row for id {id_} in {y_name}"))
     return InputTable(_table([*BASE_COLUMNS, "image_id", "product_id"], rows), problems,
                       _images_root(folder, RAKUTEN_IMAGES, release, cfg.images_root), [x_path, y_path], release,
-                      dict(LAYOUT_COLUMNS))
+                      _columns(cfg))
 
 
 def _rakuten_labels(y_path: Path, delim: str, y_cols: List[str]) -> Tuple[Dict[str, str], Dict[str, str]]:
@@ -245,7 +249,8 @@ def _abo_row(obj: Dict[str, Any], images: Dict[str, str], label_field: str, lang
 
 def read_abo(path: Path, cfg) -> InputTable:
     if path.is_file():  # one listings file: listings/metadata/listings_0.json.gz -> the root three levels up
-        root, listings = path.resolve().parents[2], [path]
+        parents = path.resolve().parents
+        root, listings = parents[min(2, len(parents) - 1)], [path]
     else:
         root, listings = path, sorted((path / "listings" / "metadata").glob("listings_*.json.gz"))
         if not listings:
@@ -269,7 +274,7 @@ def read_abo(path: Path, cfg) -> InputTable:
         _note(f"abo: {without_meta} listings name a main_image_id that {meta.name} does not list: packed without photo")
     root_images = _images_root(root, ("images/small", "images/original"), "abo", cfg.images_root)
     return InputTable(_table([*BASE_COLUMNS, "main_image_id", *ABO_EXTRAS], rows), problems, root_images,
-                      [*listings, meta], "abo", dict(LAYOUT_COLUMNS))
+                      [*listings, meta], "abo", _columns(cfg))
 
 
 def _abo_images(meta: Path) -> Dict[str, str]:
@@ -317,9 +322,9 @@ def read_fashion(path: Path, cfg) -> InputTable:
         raise ConfigError(f"fashion layout: {styles} does not have the columns {', '.join(FASHION_COLUMNS)} "
                           f"(found {', '.join(header) or 'none'})")
     label_field = cfg.label_field or LABEL_FIELDS["fashion"]
-    if label_field not in header or label_field == "id":
-        raise ConfigError(f"--label-field {label_field}: not a column of {styles.name} "
-                          f"(one of {', '.join(FASHION_COLUMNS[1:])})")
+    if label_field not in header or label_field in ("id", "productDisplayName"):  # not the id, not the text
+        raise ConfigError(f"--label-field {label_field}: not a label column of {styles.name} "
+                          f"(one of {', '.join(FASHION_COLUMNS[1:-1])})")
     rows, problems = [], {}
     for line, fields in records[1:]:
         if len(fields) > len(header):  # unquoted commas inside the last column, the name: they belong to it
@@ -333,7 +338,7 @@ def read_fashion(path: Path, cfg) -> InputTable:
     extras = [c for c in FASHION_COLUMNS if c not in ("id", "productDisplayName")]
     return InputTable(_table([*BASE_COLUMNS, *extras], rows), problems,
                       _images_root(folder, ("images",), "fashion", cfg.images_root), [styles], "fashion",
-                      dict(LAYOUT_COLUMNS))
+                      _columns(cfg))
 
 
 # ----------------------------------------------------------------------------------------------- detection

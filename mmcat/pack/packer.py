@@ -81,13 +81,14 @@ def _file_sha256(path: Path) -> str:
 def _read_input(cfg) -> InputTable:
     """The input as one form, whatever it is: a public layout (``--format rakuten|rakuten-ens|abo|fashion``, or one
     ``--format auto`` recognises from the files present) or a generic table (CSV/TSV, JSON Lines, Parquet)."""
-    layout = read_layout(cfg, str(cfg.format))
-    if layout is not None:
-        missing = [c for c in cfg.attribute_columns if c not in layout.table.column_names]
+    public = read_layout(cfg, str(cfg.format))
+    if public is not None:
+        fields = public.table.column_names
+        missing = [c for c in cfg.attribute_columns if c not in fields]
         if missing:
-            raise ConfigError(f"--attribute-columns: '{missing[0]}' is not a field of the {layout.layout} layout "
-                              f"(fields: {', '.join(layout.table.column_names)})")
-        return layout
+            raise ConfigError(f"--attribute-columns: '{missing[0]}' is not a field of the {public.layout} layout "
+                              f"(fields: {', '.join(fields)})")
+        return public
     import pyarrow as pa
 
     input_path = Path(cfg.input)
