@@ -32,7 +32,8 @@ def pack(input: Path, out: Path, **kw) -> dict:
 
 
 def read_back(out: Path) -> Dict[str, dict]:
-    """{key: {label (via cls + labels.json), json label, txt, has jpg, json}} over every split, with plain webdataset."""
+    """{key: {label (cls through labels.json, checked against json), txt, has jpg, id}} over every split, read with
+    plain webdataset."""
     import webdataset as wds
 
     labels = json.loads((out / "labels.json").read_text())
@@ -100,7 +101,8 @@ def write_rakuten(folder: Path, release: str) -> dict:
         want["failures"][(str(i), reason)] = "rejected"
     ys.append(["999", "10"])  # a Y row without a product: ignored
     if release == "rakuten":
-        header_x, header_y = ["Integer_id", "Title", "Description", "Image_id", "Product_id"], ["Integer_id", "Prdtypecode"]
+        header_x = ["Integer_id", "Title", "Description", "Image_id", "Product_id"]
+        header_y = ["Integer_id", "Prdtypecode"]
     else:  # unnamed index column; productid before imageid
         header_x, header_y = ["", "designation", "description", "productid", "imageid"], ["", "prdtypecode"]
         xs = [[x[0], x[1], x[2], x[4], x[3]] for x in xs]
@@ -164,7 +166,8 @@ def test_layout_refusals_are_one_line(tmp_path):
         pack(tmp_path / "empty", tmp_path / "o")
     write_rakuten(tmp_path / "rak", "rakuten")
     (tmp_path / "rak" / "Y_train.tsv").unlink()
-    with pytest.raises(ConfigError, match=r"rakuten layout: the label table Y_train.tsv not found \(looked for .*Y_train.tsv\)"):
+    with pytest.raises(ConfigError, match=r"rakuten layout: the label table Y_train.tsv not found "
+                                          r"\(looked for .*Y_train.tsv\)"):
         pack(tmp_path / "rak", tmp_path / "o")
     write_rakuten(tmp_path / "ens", "rakuten-ens")
     with pytest.raises(ConfigError, match="looks like the rakuten-ens release: use --format rakuten-ens"):
@@ -346,7 +349,8 @@ def test_layout_output_is_the_same_with_workers_and_with_slices(tmp_path):
     one = pack(tmp_path / "f", tmp_path / "one")
     pack(tmp_path / "f", tmp_path / "two", workers=2)
     shards = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").glob("*/shard-*.tar"))
-    assert shards and shards == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").glob("*/shard-*.tar"))
+    assert shards == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").glob("*/shard-*.tar"))
+    assert {p.parts[0] for p in shards} == set(SPLITS)  # every split wrote shards
     for rel in [*shards, Path("failures.jsonl"), Path("labels.json")]:
         assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
     for i in range(2):

@@ -118,7 +118,8 @@ def _guarded(path: Path, read):
     except UnicodeDecodeError as exc:
         raise ConfigError(f"input {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except (OSError, EOFError, csv.Error, gzip.BadGzipFile) as exc:
-        raise ConfigError(f"input {path}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ConfigError(f"input {path}: unreadable ({type(exc).__name__}: {first})") from None
 
 
 def _require(path: Path, layout: str, what: str) -> Path:
