@@ -271,9 +271,10 @@ def write_abo(root: Path) -> dict:
     return want
 
 
-def test_abo_language_label_field_photos_and_failures(tmp_path):
+def test_abo_language_label_field_photos_and_failures(tmp_path, capsys):
     want = write_abo(tmp_path / "abo")
     manifest = pack(tmp_path / "abo", tmp_path / "p", format="abo", attribute_columns=["brand"])
+    assert "abo: 1 listings name a main_image_id that images.csv.gz does not list" in capsys.readouterr().err
     assert read_back(tmp_path / "p") == want["samples"]
     assert failures(tmp_path / "p") == want["failures"]
     bad = [json.loads(x) for x in (tmp_path / "p" / "failures.jsonl").read_text().splitlines()]
