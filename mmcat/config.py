@@ -40,11 +40,12 @@ class TableFormat(Choice):
     parquet = "parquet"
 
 
-class InputFormat(Choice):  # TableFormat, or guessed from the file name
-    auto = "auto"
-    csv = "csv"
-    jsonl = "jsonl"
-    parquet = "parquet"
+# a TableFormat, a public dataset layout (mmcat/pack/layouts.py), or auto: the layout from the files present, else
+# the table format from the file name. Built with the functional API because "rakuten-ens" is no Python name, and
+# the member name must equal the value (OmegaConf takes and writes the name)
+InputFormat = Choice("InputFormat", [(v, v) for v in ("auto", "csv", "jsonl", "parquet",
+                                                      "rakuten", "rakuten-ens", "abo", "fashion")],
+                     module=__name__, qualname="InputFormat")
 
 
 class ResizeMode(Choice):
@@ -102,6 +103,10 @@ class PackConfig:
     input: str = MISSING
     out: str = MISSING
     format: InputFormat = InputFormat.auto
+    # public layouts (--format abo|fashion): the field the label comes from (null: product_type for abo,
+    # masterCategory for fashion); abo's text language (then another tag of the same language, then any)
+    label_field: Optional[str] = None
+    language: str = "en_US"
     images_root: Optional[str] = None
     id_column: str = "id"
     image_column: str = "image"

@@ -93,6 +93,8 @@ def inspect_dataset(dir: str | Path, as_json: bool = False, samples: int = 3, ht
     s = manifest["settings"]
     print(f"{out}: {report['total_samples']} samples, {len(report['labels'])} labels, image_size {s['image_size']} "
           f"({s['resize_mode']}), mmcat {manifest['mmcat_version']}")
+    print(f"  read as the {s['layout']} layout from {s['input']}" if s.get("layout", "table") != "table" else
+          f"  read as a {s.get('format', 'table')} table from {s.get('input')}")
     width = max(len(label) for label in report["labels"]) if report["labels"] else 5
     names = list(report["splits"])
     print(f"  {'split':<{width}} " + " ".join(f"{n:>8}" for n in names))

@@ -188,7 +188,8 @@ def test_readme_config_table_names_every_schema_key_and_nothing_else():
     (TrainRunConfig, "train.precision=fp8", "config key 'train.precision': 'fp8' is not one of no, bf16, fp16"),
     (TrainRunConfig, "model.text.pooling=max", "config key 'model.text.pooling': 'max' is not one of mean, cls"),
     (PackConfig, "resize_mode=fit", "config key 'resize_mode': 'fit' is not one of shorter, center_crop, keep, border"),
-    (PackConfig, "format=xls", "config key 'format': 'xls' is not one of auto, csv, jsonl, parquet"),
+    (PackConfig, "format=xls", "config key 'format': 'xls' is not one of auto, csv, jsonl, parquet, "
+     "rakuten, rakuten-ens, abo, fashion"),
     (SynthConfig, "format=auto", "config key 'format': 'auto' is not one of csv, jsonl, parquet"),
 ])
 def test_closed_sets_refuse_other_values_in_one_line(schema, override, message):

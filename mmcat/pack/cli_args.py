@@ -9,11 +9,21 @@ _D = PackConfig()  # defaults shown in --help come from the schema, the single s
 
 
 def add_pack_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", help="product table: .csv/.tsv, .jsonl or .parquet")
+    p.add_argument("input", help="product table (.csv/.tsv, .jsonl or .parquet), or a public dataset as downloaded: "
+                   "its folder or its main table (X_train.tsv, X_train_update.csv, a listings_*.json.gz, styles.csv)")
     p.add_argument("--out", required=True, help="output dataset dir")
     p.add_argument("--config", help="YAML with PackConfig keys (flags given here win)")
-    p.add_argument("--format", choices=[f.value for f in InputFormat], help="table format (default: auto)")
-    p.add_argument("--images-root", dest="images_root", help="image paths are relative to this (default: table's dir)")
+    p.add_argument("--format", choices=[f.value for f in InputFormat],
+                   help="table format, or a public layout: rakuten (SIGIR eCom'20), rakuten-ens (ENS challenge), "
+                   "abo (Amazon Berkeley Objects), fashion (Fashion Product Images). Default auto: a layout "
+                   "recognised from the files present and the table's columns, else the format from the extension")
+    p.add_argument("--label-field", dest="label_field",
+                   help="abo/fashion: the field the label comes from (default: product_type for abo, "
+                   "masterCategory for fashion)")
+    p.add_argument("--language", help=f"abo: text language tag, then the same language, then any "
+                   f"(default: {_D.language})")
+    p.add_argument("--images-root", dest="images_root", help="image paths are relative to this (default: table's dir; "
+                   "for a layout its image folder, e.g. images/image_train, images/small)")
     p.add_argument("--id-column", dest="id_column", help=f"default: {_D.id_column}")
     p.add_argument("--image-column", dest="image_column", help=f"default: {_D.image_column}")
     p.add_argument("--text-columns", dest="text_columns", help="comma-separated (default: title,description)")
@@ -51,7 +61,7 @@ def add_pack_arguments(p: argparse.ArgumentParser) -> None:
 
 
 PACK_KEYS = ("input", "out", "format", "images_root", "id_column", "image_column", "label_column", "labels", "seed",
-             "attribute_min_count",
+             "attribute_min_count", "label_field", "language",
              "image_size", "resize_mode", "jpeg_quality", "max_samples_per_shard", "max_shard_bytes",
              "max_image_pixels", "max_image_bytes", "workers", "resume", "slice_index", "num_slices")
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from mmcat.errors import ConfigError
 from mmcat.pack.attributes import (ATTRIBUTE_STATS, FIT_SPLIT, NUMERIC_SHARE, Kinds, check_attribute_settings,
                                    merged_stats, parse_number)
+from mmcat.pack.layouts import LABEL_FIELDS, read_layout
 from mmcat.pack.manifest import build_manifest, records_summary, sort_failures, sum_notes, write_dataset_files
 from mmcat.pack.plan import Plan, Task, build_plan
 from mmcat.pack.tables import InputTable, detect_format, read_table
@@ -79,16 +80,13 @@ def _file_sha256(path: Path) -> str:
 
 def _settings(cfg, source: InputTable, splits: Dict[str, float]) -> dict:
     """Everything that determines the output bytes (not workers/resume/slice): stored in the manifest."""
-    files = [Path(f) for f in source.files]
-    fmt = detect_format(files[0], cfg.format) if source.layout == "table" else source.layout
-    if len(files) == 1:
-        where = {"input": str(files[0].resolve()), "input_sha256": _file_sha256(files[0])}
-    else:  # a layout of several files: each one's digest
-        where = {"input": str(Path(cfg.input).resolve()),
-                 "input_sha256": {str(f.resolve()): _file_sha256(f) for f in files}}
+    fmt = source.layout if source.layout != "table" else detect_format(Path(cfg.input), cfg.format)
     c = source.columns
     return {
-        **where, "format": fmt,
+        "input": str(Path(cfg.input).resolve()), "layout": source.layout, "format": fmt,
+        "input_files": {str(Path(f).resolve()): _file_sha256(Path(f)) for f in source.files},
+        "label_field": (cfg.label_field or LABEL_FIELDS[source.layout]) if source.layout in LABEL_FIELDS else None,
+        "language": cfg.language if source.layout == "abo" else None,
         "images_root": str(source.images_root.resolve()), "id_column": c["id"], "image_column": c["image"],
         "text_columns": list(c["text"]), "label_column": c["label"],
         "labels_file": str(Path(cfg.labels).resolve()) if cfg.labels else None, "splits": splits, "seed": cfg.seed,
@@ -172,7 +170,17 @@ def _results(todo: Pending, settings: ImageSettings, workers: int) -> Iterator[R
 def _read_input(cfg) -> InputTable:
     """The input as one table of string columns, whatever its layout (the one seam between input layouts and
     the plan). The generic table: id/label/attribute columns for every row, the text and photo columns only for
-    the rows this run (or job-array slice) packs."""
+    the rows this run (or job-array slice) packs. A public layout (``--format rakuten|rakuten-ens|abo|fashion``, or
+    one ``--format auto`` recognises from the files present) is read whole by its reader (catalog layouts are
+    ~100k rows)."""
+    public = read_layout(cfg, str(cfg.format))
+    if public is not None:
+        fields = public.table.column_names
+        missing = [c for c in cfg.attribute_columns if c not in fields]
+        if missing:
+            raise ConfigError(f"--attribute-columns: '{missing[0]}' is not a field of the {public.layout} layout "
+                              f"(fields: {', '.join(fields)})")
+        return public
     input_path = Path(cfg.input)
     columns = {"id": cfg.id_column, "image": cfg.image_column, "text": list(cfg.text_columns),
                "label": cfg.label_column, "attributes": list(cfg.attribute_columns)}

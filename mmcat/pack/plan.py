@@ -256,7 +256,10 @@ def _screen(ids: _Ids, labels: List[str], codes, allowed: Optional[set], problem
             ~np.array([x in allowed for x in labels] or [False])[codes]
     candidate = ~(problem | id_missing | label_missing | unknown)
     rejects: List[Tuple[int, str, dict]] = []  # (row index, reason, extra fields)
-    rejects += [(int(i), "csv_field_count", {"detail": problems[int(i)]}) for i in np.flatnonzero(problem)]
+    for i in np.flatnonzero(problem):  # a str: a CSV row of another field count; a layout's (reason, detail) pair
+        why = problems[int(i)]
+        reason, detail = why if isinstance(why, tuple) else ("csv_field_count", why)
+        rejects.append((int(i), reason, {"detail": detail}))
     rejects += [(int(i), "id_missing", {}) for i in np.flatnonzero(id_missing)]
     rejects += [(int(i), "label_missing", {}) for i in np.flatnonzero(label_missing)]
     rejects += [(int(i), "label_unknown", {"label": labels[codes[i]]}) for i in np.flatnonzero(unknown)]

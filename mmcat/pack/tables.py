@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from mmcat.errors import ConfigError
 
@@ -56,7 +56,11 @@ def _as_str(value: Any) -> str:
     return str(value)
 
 
-Problems = Dict[int, str]  # row index (0 = first data row) -> why the row cannot be used as read
+# row index (0 = first data row) -> why the row cannot be used as read: a CSV field-count detail (rejected as
+# csv_field_count), or a layout's (reason, detail) for a row rejected for what the plan cannot see (no label in
+# Rakuten's Y file, a bad ABO JSON line)
+Problem = Union[str, Tuple[str, str]]
+Problems = Dict[int, Problem]
 
 
 @dataclass
