@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from mmcat.errors import ConfigError
 from mmcat.hashing import stable_hash
 from mmcat.pack.attributes import raw_cell
+from mmcat.pack.download import is_url
 from mmcat.pack.split import assign_splits
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -117,7 +118,8 @@ def build_plan(rows: Sequence[Dict[str, str]], cfg, images_root: Path, problems:
             tasks[split].append(Task(
                 row=i + 1, id=id_, key=safe_key(id_), split=split, label=label, label_index=index[label],
                 texts={c: normalize_text(r[c]) for c in cfg.text_columns},
-                image_path=str(images_root / rel) if rel else None,  # an absolute rel wins over the root
+                # a URL is kept as is (downloaded by pack); an absolute rel wins over the root
+                image_path=(rel if is_url(rel) else str(images_root / rel)) if rel else None,
                 attributes={c: raw_cell(r[c]) for c in cfg.attribute_columns} if cfg.attribute_columns else None,
             ))
     return Plan(labels=list(labels), tasks=tasks, rejected=rejected)
