@@ -151,7 +151,9 @@ def stream(server: Server, path: str, headers: Dict[str, str], chunked: bool = F
 
 
 @pytest.fixture
-def server():
+def server(monkeypatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")  # a proxy from the environment must not get these
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     s = Server()
     yield s
     s.close()

@@ -96,12 +96,11 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
 def quote_url(url: str) -> str:
     """Percent-encode what may not appear in a request line (spaces, non-ASCII); IDNA for a non-ASCII host."""
     parts = urllib.parse.urlsplit(url.strip())
-    host = parts.hostname or ""
-    try:
-        host.encode("ascii")
-    except UnicodeEncodeError:
-        netloc = parts.netloc.replace(host, host.encode("idna").decode("ascii"))
-        parts = parts._replace(netloc=netloc)
+    if not parts.netloc.isascii():
+        try:  # label by label; ASCII labels (and a ':port') pass through unchanged
+            parts = parts._replace(netloc=parts.netloc.encode("idna").decode("ascii"))
+        except UnicodeError:
+            raise ValueError(f"host {parts.netloc!r} cannot be encoded") from None
     return urllib.parse.urlunsplit(parts._replace(path=urllib.parse.quote(parts.path, safe=_URL_SAFE),
                                                   query=urllib.parse.quote(parts.query, safe=_URL_SAFE)))
 
@@ -135,6 +134,7 @@ class Downloader:
         return Fetched(error=failure.detail + (f" (after {tried} attempts)" if tried > 1 else ""))
 
     def _slot(self, url: str) -> threading.BoundedSemaphore:
+        """The semaphore of the URL's ``host:port`` (ValueError for a malformed port)."""
         parts = urllib.parse.urlsplit(url)
         host = f"{(parts.hostname or '').lower()}:{parts.port or (443 if parts.scheme.lower() == 'https' else 80)}"
         with self._lock:
@@ -144,10 +144,13 @@ class Downloader:
 
     def _attempt(self, url: str) -> bytes:
         try:
-            request = urllib.request.Request(quote_url(url), headers={"User-Agent": USER_AGENT, "Accept": "image/*"})
-        except ValueError as exc:  # not a URL urllib can request (bad port, ...)
-            raise _Failed(f"bad URL: {exc}", retry=False) from None
-        with self._slot(url):
+            # no Accept header: the server's default format (asking for image/* can bring AVIF, which OpenCV
+            # may not decode)
+            request = urllib.request.Request(quote_url(url), headers={"User-Agent": USER_AGENT})
+            slot = self._slot(url)
+        except ValueError as exc:  # not a URL urllib can request (bad port, bad IPv6 literal, ...)
+            raise _Failed(f"bad URL ({exc})", retry=False) from None
+        with slot:
             if self.stop.is_set():
                 raise _Failed("stopped", retry=False)
             deadline = time.monotonic() + self.s.timeout
