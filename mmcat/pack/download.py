@@ -269,7 +269,10 @@ class Prefetch:
             if task is None:
                 return
             url = task.image_path if is_url(task.image_path) else None
-            pending.append((task, self._pool.submit(self._downloader.fetch, url) if url else None))
+            try:
+                pending.append((task, self._pool.submit(self._downloader.fetch, url) if url else None))
+            except RuntimeError:  # the pool was shut down by __exit__ (the pool's thread may still be here)
+                return
 
     def _pass_gate(self) -> bool:
         if self._gate is None:
