@@ -127,8 +127,31 @@ def status(code: int) -> Callable:
     return route
 
 
-def fail_first(times: int, then: Callable) -> Callable:
-    return lambda h, n: status(500)(h, n) if n <= times else then(h, n)
+def fail_first(times: int, then: Callable, code: int = 500) -> Callable:
+    return lambda h, n: status(code)(h, n) if n <= times else then(h, n)
+
+
+def redirect(location: str) -> Callable:
+    def route(h: BaseHTTPRequestHandler, n: int) -> None:
+        h.send_response(302)
+        h.send_header("Location", location)
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+    return route
+
+
+def trickle(every: float) -> Callable:
+    """A 200 that promises 100 kB and sends one byte every ``every`` seconds (each read returns in time), then hangs
+    up after 40 bytes (so a client without an overall deadline fails here with another detail, not by hanging)."""
+    def route(h: BaseHTTPRequestHandler, n: int) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", "100000")
+        h.end_headers()
+        for _ in range(40):
+            h.wfile.write(b"\xff")
+            h.wfile.flush()
+            time.sleep(every)
+    return route
 
 
 def stream(server: Server, path: str, headers: Dict[str, str], chunked: bool = False) -> Callable:
@@ -224,6 +247,10 @@ def test_urls_are_downloaded_and_each_failure_is_recorded_with_its_reason(server
     server.routes["/img/photo ä 1.jpg"] = ok(photos[4])  # the table holds the raw space and umlaut
     server.routes["/flaky.jpg"] = fail_first(1, ok(photos[5]))
     server.routes["/always500.jpg"] = status(500)
+    server.routes["/busy.jpg"] = fail_first(1, ok(photos[3]), code=429)
+    server.routes["/moved.jpg"] = redirect("/img/g2.jpg")
+    server.routes["/to-ftp.jpg"] = redirect("ftp://127.0.0.1/x.jpg")
+    server.routes["/trickle.jpg"] = trickle(0.2)
     server.routes["/slow.jpg"] = ok(photos[0], delay=3.0)
     server.routes["/page.jpg"] = ok(b"<html><body>not a photo</body></html>", content_type="text/html")
     server.routes["/big-declared.jpg"] = stream(server, "/big-declared.jpg", {"Content-Length": str(BIG)})
@@ -237,6 +264,10 @@ def test_urls_are_downloaded_and_each_failure_is_recorded_with_its_reason(server
         _row("u_404", server.url("/missing.jpg")),
         _row("u_404_notext", server.url("/missing2.jpg"), text=False),
         _row("u_500", server.url("/always500.jpg"), "b"),
+        _row("u_busy", server.url("/busy.jpg")),
+        _row("u_moved", server.url("/moved.jpg"), "b"),
+        _row("u_to_ftp", server.url("/to-ftp.jpg")),
+        _row("u_trickle", server.url("/trickle.jpg"), "b"),
         _row("u_slow", server.url("/slow.jpg")),
         _row("u_declared", server.url("/big-declared.jpg"), "b"),
         _row("u_chunked", server.url("/big-chunked.jpg")),
@@ -254,12 +285,14 @@ def test_urls_are_downloaded_and_each_failure_is_recorded_with_its_reason(server
     took = time.monotonic() - start
     samples, failures = _samples(tmp_path / "out"), _failures(tmp_path / "out")
 
-    with_jpg = {"u_good0", "u_good1", "u_good2", "u_good3", "l_good0", "l_good1", "u_space", "u_flaky"}
+    with_jpg = {"u_good0", "u_good1", "u_good2", "u_good3", "l_good0", "l_good1", "u_space", "u_flaky", "u_busy",
+                "u_moved"}
     assert {i for i, s in samples.items() if "jpg" in s} == with_jpg
     assert set(samples) == {r["id"] for r in rows} - {"u_404_notext"}  # degraded rows keep their text
     for n in (0, 1):  # downloaded and local copies of one photo give the same sample image, byte for byte
         assert samples[f"u_good{n}"]["jpg"] == samples[f"l_good{n}"]["jpg"]
-    for id_, n in [("u_good0", 0), ("u_good1", 1), ("u_good2", 2), ("u_good3", 3), ("u_space", 4), ("u_flaky", 5)]:
+    for id_, n in [("u_good0", 0), ("u_good1", 1), ("u_good2", 2), ("u_good3", 3), ("u_space", 4), ("u_flaky", 5),
+                   ("u_busy", 3), ("u_moved", 2)]:
         got = _pixels(samples[id_]["jpg"])
         want = cv2.resize(_pixels(photos[n]), (got.shape[1], got.shape[0]), interpolation=cv2.INTER_AREA)
         others = [np.abs(got - cv2.resize(_pixels(photos[m]), got.shape[1::-1])).mean() for m in photos if m != n]
@@ -274,6 +307,9 @@ def test_urls_are_downloaded_and_each_failure_is_recorded_with_its_reason(server
     assert failures["u_404_notext"]["image_error"] == "image_download_failed"
     assert what("u_500") == ("image_download_failed", "degraded", "HTTP 500 (after 2 attempts)")
     assert what("u_slow") == ("image_download_failed", "degraded", "timeout after 1 s (after 2 attempts)")
+    # the deadline covers the whole body, not each read
+    assert what("u_trickle") == ("image_download_failed", "degraded", "timeout after 1 s (after 2 attempts)")
+    assert what("u_to_ftp") == ("image_download_failed", "degraded", "redirect to a non-http(s) URL (HTTP 302)")
     assert what("u_declared") == ("image_download_failed", "degraded",
                                   f"too large: more than {cap} bytes (Content-Length {BIG})")
     assert what("u_chunked") == ("image_download_failed", "degraded", f"too large: more than {cap} bytes")
@@ -282,17 +318,18 @@ def test_urls_are_downloaded_and_each_failure_is_recorded_with_its_reason(server
     assert what("u_html")[:2] == ("image_undecodable", "degraded")
     assert what("l_missing")[:2] == ("image_missing", "degraded")
     assert set(failures) == {"u_404", "u_404_notext", "u_500", "u_slow", "u_declared", "u_chunked", "u_lying",
-                             "u_refused", "u_html", "l_missing"}
+                             "u_refused", "u_html", "l_missing", "u_trickle", "u_to_ftp"}
     assert json.loads(samples["u_404"]["json"])["image_error"] == "image_download_failed"
     assert manifest["failures"]["rejected"] == 1
 
     # retried: 5xx and timeouts; not retried: 404, too large; reading stopped soon after the cap
-    assert server.calls["/missing.jpg"] == 1 and server.calls["/flaky.jpg"] == 2
+    assert server.calls["/missing.jpg"] == 1 and server.calls["/flaky.jpg"] == 2 and server.calls["/busy.jpg"] == 2
+    assert server.calls["/trickle.jpg"] == 2 and server.calls["/to-ftp.jpg"] == 1
     assert server.calls["/always500.jpg"] == 2 and server.calls["/slow.jpg"] == 2
     for path in ("/big-declared.jpg", "/big-chunked.jpg", "/big-lying.jpg"):
         assert server.calls[path] == 1, path
         assert server.sent[path] < BIG // 4, (path, server.sent[path])  # socket buffers, not the whole body
-    assert server.calls["/img/g0.jpg"] == 1
+    assert server.calls["/img/g0.jpg"] == 1 and server.calls["/img/g2.jpg"] == 2  # once more through /moved.jpg
     assert {ua for _, _, ua in server.log} == {f"mmcat/{__import__('mmcat').__version__} (image download)"}
     assert took < 20, took  # failures wait in parallel, not one after another
 
