@@ -42,7 +42,8 @@ def add_pack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-pixels", dest="max_image_pixels", type=int,
                    help=f"decompression-bomb guard, checked from the header (default: {_D.max_image_pixels})")
     p.add_argument("--max-image-bytes", dest="max_image_bytes", type=int,
-                   help=f"photo files larger than this are not read, downloads stop there (default: {_D.max_image_bytes})")
+                   help="photo files larger than this are not read, downloads stop there "
+                   f"(default: {_D.max_image_bytes})")
     p.add_argument("--workers", type=int, help="processes decoding/resizing/encoding (default: 1)")
     p.add_argument("--download-timeout", dest="download_timeout", type=float,
                    help=f"image URLs: seconds one download attempt may take (default: {_D.download_timeout:g})")
