@@ -129,6 +129,13 @@ class PackConfig:
     max_image_pixels: int = 89_478_485  # PIL's decompression-bomb threshold
     max_image_bytes: int = 50_000_000  # bigger photo files are not read (degraded: image_file_too_large)
     workers: int = 1
+    # http(s) image URLs (mmcat.pack.download): downloaded by a thread pool of the pack process, read up to
+    # max_image_bytes. Not part of the resume settings: they do not change the bytes of a photo that downloads,
+    # so an interrupted run may be resumed with a longer timeout or more retries
+    download_timeout: float = 10.0  # seconds per attempt: connect, answer and the whole body
+    download_retries: int = 2  # more attempts after a timeout, a broken connection, HTTP 408/429/5xx (not 404)
+    download_max_per_host: int = 8  # requests open at once to one host:port, in this pack run (one slice)
+    download_threads: int = 16  # downloads at once in all (they run ahead of the in-order processing)
     resume: bool = False
     # job-array slicing: this run packs rows slice_index::num_slices into its own shard names
     slice_index: int = 0
@@ -316,6 +323,10 @@ def _merge_file(cfg: DictConfig, p: Path) -> DictConfig:
 RANGES: Dict[str, Tuple[Optional[float], Optional[float], str]] = {
     "seed": (0, 2**32 - 1, "[]"),  # numpy's seed range
     "attribute_min_count": (1, None, "[]"),  # mmcat pack
+    "download_timeout": (0, None, "(]"),  # mmcat pack
+    "download_retries": (0, 10, "[]"),
+    "download_max_per_host": (1, None, "[]"),
+    "download_threads": (1, None, "[]"),
     "data.image_size": (1, None, "[]"),
     "data.min_crop_scale": (0, 1, "(]"),
     "data.max_text_length": (3, None, "[]"),  # [CLS] + one token + [SEP]; below the special tokens HF ignores it

@@ -52,8 +52,18 @@ def add_pack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-pixels", dest="max_image_pixels", type=int,
                    help=f"decompression-bomb guard, checked from the header (default: {_D.max_image_pixels})")
     p.add_argument("--max-image-bytes", dest="max_image_bytes", type=int,
-                   help=f"photo files larger than this are not read (default: {_D.max_image_bytes})")
+                   help="photo files larger than this are not read, downloads stop there "
+                   f"(default: {_D.max_image_bytes})")
     p.add_argument("--workers", type=int, help="processes decoding/resizing/encoding (default: 1)")
+    p.add_argument("--download-timeout", dest="download_timeout", type=float,
+                   help=f"image URLs: seconds one download attempt may take (default: {_D.download_timeout:g})")
+    p.add_argument("--download-retries", dest="download_retries", type=int,
+                   help="image URLs: retries after a timeout, a broken connection, HTTP 408/429/5xx, with "
+                   f"backoff 1, 2, 4 ... s (default: {_D.download_retries})")
+    p.add_argument("--download-max-per-host", dest="download_max_per_host", type=int,
+                   help=f"image URLs: requests open at once to one host (default: {_D.download_max_per_host})")
+    p.add_argument("--download-threads", dest="download_threads", type=int,
+                   help=f"image URLs: downloads at once, ahead of processing (default: {_D.download_threads})")
     p.add_argument("--resume", action="store_true", default=None,
                    help="finish an interrupted run: completed shards are kept, the rest is redone")
     p.add_argument("--slice-index", dest="slice_index", type=int, help="job-array slice: pack rows i::n")
@@ -63,6 +73,7 @@ def add_pack_arguments(p: argparse.ArgumentParser) -> None:
 PACK_KEYS = ("input", "out", "format", "images_root", "id_column", "image_column", "label_column", "labels", "seed",
              "attribute_min_count", "label_field", "language",
              "image_size", "resize_mode", "jpeg_quality", "max_samples_per_shard", "max_shard_bytes",
-             "max_image_pixels", "max_image_bytes", "workers", "resume", "slice_index", "num_slices")
+             "max_image_pixels", "max_image_bytes", "workers", "resume", "slice_index", "num_slices",
+             "download_timeout", "download_retries", "download_max_per_host", "download_threads")
 
 LIST_KEYS = ("text_columns", "attribute_columns", "numeric_attributes", "categorical_attributes")  # comma-separated

@@ -19,6 +19,7 @@ from mmcat.errors import ConfigError
 from mmcat.pack.attributes import (ATTRIBUTE_STATS, FIT_SPLIT, NUMERIC_SHARE, Kinds, check_attribute_settings,
                                    merged_stats, parse_number)
 from mmcat.pack.layouts import LABEL_FIELDS, read_layout
+from mmcat.pack.download import DownloadSettings, Prefetch
 from mmcat.pack.manifest import build_manifest, records_summary, sort_failures, sum_notes, write_dataset_files
 from mmcat.pack.plan import Plan, Task, build_plan
 from mmcat.pack.tables import InputTable, detect_format, read_table
@@ -147,24 +148,33 @@ class Pending:
                 yield split, pos, task
 
 
-def _results(todo: Pending, settings: ImageSettings, workers: int) -> Iterator[Result]:
+def _results(todo: Pending, settings: ImageSettings, workers: int, downloads: DownloadSettings) -> Iterator[Result]:
+    """Results in ``todo`` order; URL photos are downloaded by threads of this process ahead of their turn
+    (:class:`mmcat.pack.download.Prefetch`), local ones are read where they are processed."""
+    tasks = (t for _, _, t in todo)
+    any_url = todo.plan.has_urls()
+    window = 4 * downloads.threads  # downloads running ahead of the task being processed
     if workers <= 1 or len(todo) < 2:
         previous = cv2.getNumThreads()
         cv2.setNumThreads(1)
         try:
-            for _, _, task in todo:
-                yield process_task(task, settings)
+            with Prefetch(tasks, downloads, window, any_url=any_url) as prefetch:
+                for task, fetched in prefetch:
+                    yield process_task(task, settings, fetched)
         finally:
             cv2.setNumThreads(previous)
         return
     # forkserver: workers do not inherit the parent's threads (OpenCV/BLAS pools deadlock after fork)
     # (like any multiprocessing code, a script calling pack() needs an `if __name__ == "__main__":` guard)
     ctx = mp.get_context("forkserver")
-    with ctx.Pool(workers, initializer=init_worker, initargs=(settings,)) as pool:
-        chunk = max(1, min(16, len(todo) // (workers * 8)))
-        results = pool.imap(process_task_in_worker, (t for _, _, t in todo), chunksize=chunk)
+    chunk = max(1, min(16, len(todo) // (workers * 8)))
+    with ctx.Pool(workers, initializer=init_worker, initargs=(settings,)) as pool, \
+            Prefetch(tasks, downloads, max(window, 2 * workers * chunk), gate=True, any_url=any_url) as prefetch:
+        results = pool.imap(process_task_in_worker, prefetch, chunksize=chunk)
         import webdataset  # noqa: F401  -- the writer's slow import (torch) overlaps the workers' start-up
-        yield from results
+        for result in results:
+            prefetch.consumed()
+            yield result
 
 
 def _read_input(cfg) -> InputTable:
@@ -221,7 +231,8 @@ def pack(cfg) -> dict:
     image_settings = ImageSettings(cfg.image_size, cfg.resize_mode, cfg.jpeg_quality, cfg.max_image_pixels,
                                    cfg.max_image_bytes)
     with tqdm(total=len(todo), unit="img", desc="pack", disable=None) as bar:
-        for (split, pos, task), result in zip(todo, _results(todo, image_settings, cfg.workers)):
+        for (split, pos, task), result in zip(todo, _results(todo, image_settings, cfg.workers,
+                                                             DownloadSettings.from_config(cfg))):
             writers[split].add(pos, task.key, result)
             bar.update(1)
     for split, writer in writers.items():

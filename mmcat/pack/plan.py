@@ -22,6 +22,7 @@ from mmcat.errors import ConfigError
 from mmcat.hashing import stable_hash
 from mmcat.pack.attributes import raw_cell, typed_values
 from mmcat.pack.split import assign_split_rows, hash_ids
+from mmcat.pack.download import is_url
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _SUFFIXED = re.compile(r"_[0-9a-f]{8}$")  # the shape of a hash suffix
@@ -45,7 +46,6 @@ class Task:
     attributes: Optional[Dict[str, Any]] = None
 
 
-URL_PREFIXES = ("http://", "https://")  # an image cell that is a URL stays as is (pack workers download it)
 TASK_BLOCK = 4096  # rows turned into tasks at a time
 
 
@@ -84,6 +84,13 @@ class Plan:
                            label_index=index, texts={t: normalize_text(cells[t][n] or "") for t in c["text"]},
                            image_path=image_path(self.images_root, cells[c["image"]][n] or ""), attributes=attrs)
 
+    def has_urls(self) -> bool:
+        """Whether some photo cell is an http(s) URL (pack then starts its downloader), without making tasks."""
+        import pyarrow.compute as pc
+
+        urls = pc.match_substring_regex(self.table.column(self.columns["image"]), r"^\s*https?://", ignore_case=True)
+        return bool(pc.any(urls).as_py())
+
     def cells(self, column: str, rows) -> Iterator[Optional[str]]:
         """The stripped cells (None when empty) of ``column`` in ``rows``, a block at a time."""
         for start in range(0, len(rows), 1 << 16):
@@ -113,7 +120,7 @@ def take(column, rows) -> list:
 def image_path(images_root: Path, cell: str) -> Optional[str]:
     """Where a row's photo is: a URL as is, a path under ``images_root`` (an absolute path wins), None if empty."""
     rel = cell.strip()
-    if rel.startswith(URL_PREFIXES):
+    if is_url(rel):  # pack downloads it (mmcat.pack.download)
         return rel
     return str(images_root / rel) if rel else None
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import cv2
 
+from mmcat.pack.download import DOWNLOAD_FAILED, Fetched, is_url
 from mmcat.pack.images import ImageError, process_image, read_image_bytes
 from mmcat.pack.plan import Task
 
@@ -43,12 +44,24 @@ def init_worker(settings: ImageSettings) -> None:
     cv2.setNumThreads(1)
 
 
-def process_task_in_worker(task: Task) -> Result:
+def process_task_in_worker(item: Tuple[Task, Optional[Fetched]]) -> Result:
+    """``item``: a task and, for a URL photo, its download (:class:`mmcat.pack.download.Prefetch`)."""
     assert _settings is not None, "init_worker was not called"
-    return process_task(task, _settings)
+    return process_task(item[0], _settings, item[1])
 
 
-def process_task(task: Task, s: ImageSettings) -> Result:
+def photo_bytes(task: Task, max_bytes: int, fetched: Optional[Fetched] = None) -> bytes:
+    """The photo file of ``task``: its download for a URL (fetched by the pack process), else the local file."""
+    if fetched is not None:
+        if fetched.error is not None:
+            raise ImageError(DOWNLOAD_FAILED, fetched.error)
+        return fetched.data
+    if is_url(task.image_path):  # every URL task comes with its download: this is a caller's bug
+        raise ImageError(DOWNLOAD_FAILED, "not downloaded")
+    return read_image_bytes(task.image_path, max_bytes)
+
+
+def process_task(task: Task, s: ImageSettings, fetched: Optional[Fetched] = None) -> Result:
     # every optional key is always present (null when not applicable): readers that infer a schema from the first
     # samples (Hugging Face datasets' webdataset loader) would otherwise drop keys those samples lack
     meta: dict = {"id": task.id, "label": task.label, "label_index": task.label_index, "row": task.row,
@@ -62,7 +75,7 @@ def process_task(task: Task, s: ImageSettings) -> Result:
     notes: List[str] = []
     image_error: Optional[ImageError] = None
     try:
-        img = process_image(read_image_bytes(task.image_path, s.max_bytes), s.size, s.mode, s.quality, s.max_pixels)
+        img = process_image(photo_bytes(task, s.max_bytes, fetched), s.size, s.mode, s.quality, s.max_pixels)
         members["jpg"] = img.jpeg
         notes = img.notes
         meta.update(width=img.width, height=img.height, orig_width=img.orig_width, orig_height=img.orig_height)
