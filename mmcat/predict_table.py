@@ -59,7 +59,7 @@ def _is_pattern(text: str) -> bool:
 def input_kind(path: str, fmt: str) -> str:
     """csv | jsonl | parquet | shards, from ``--format`` or the input itself (a folder or a shard pattern: shards;
     a file: its extension)."""
-    from mmcat.pack.tables import EXTENSIONS
+    from mmcat.pack.tables import detect_format
 
     if fmt not in ("auto", "csv", "jsonl", "parquet", "shards"):
         raise ConfigError(f"--format {fmt}: use auto, csv, jsonl, parquet or shards")
@@ -73,8 +73,8 @@ def input_kind(path: str, fmt: str) -> str:
     if fmt != "auto":
         return fmt
     try:
-        return EXTENSIONS[p.suffix.lower()]
-    except KeyError:
+        return detect_format(p)  # the extension, looking through a .gz (products.csv.gz: csv)
+    except ConfigError:
         raise ConfigError(f"input {p}: cannot tell the format from the extension; "
                           f"pass --format csv|jsonl|parquet|shards") from None
 

@@ -283,6 +283,31 @@ def test_jsonl_and_parquet_tables_give_the_rows_of_the_csv(clf, mixed, mixed_run
             {k: v for k, v in want.items() if k not in ("score", "top_k")}
 
 
+def test_gzipped_tables_give_the_rows_of_the_plain_file(clf, mixed, mixed_run, tmp_path):
+    """products.csv.gz, .tsv.gz, .jsonl.gz and .parquet.gz (the forms `mmcat pack` reads) predict the same rows as
+    the plain CSV, with the same batch size, so bit for bit."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmcat.predict_table import predict_file
+
+    rows = mixed["rows"]
+    (tmp_path / "t.csv.gz").write_bytes(gzip.compress(mixed["table"].read_bytes()))
+    with gzip.open(tmp_path / "t.tsv.gz", "wt", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+    (tmp_path / "t.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    (tmp_path / "t.parquet.gz").write_bytes(gzip.compress((tmp_path / "t.parquet").read_bytes()))
+    for name in ("t.csv.gz", "t.tsv.gz", "t.jsonl.gz", "t.parquet.gz"):
+        out = tmp_path / f"{name}.out.jsonl"
+        predict_file(clf, tmp_path / name, out, images_root=mixed["images_root"], batch_size=16, quiet=True)
+        assert read_out(out) == mixed_run["rows"], name
+
+
 def test_min_score_abstains_below_it(clf, mixed, mixed_run, tmp_path, capsys):
     from mmcat.predict_table import predict_file
 

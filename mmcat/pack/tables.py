@@ -78,11 +78,28 @@ class InputTable:
     columns: dict = field(default_factory=dict)
 
 
-def _open_text(path: Path):
+@contextmanager
+def parquet_file(path: Path):
+    """A ``pyarrow.parquet.ParquetFile`` of ``path``, also of a ``.gz`` one."""
+    import pyarrow.parquet as pq
+
+    if not path.name.lower().endswith(".gz"):
+        with pq.ParquetFile(path) as f:
+            yield f
+        return
+    with tempfile.TemporaryFile() as tmp:  # Parquet needs a seekable file: decompress to disk, not to memory
+        with gzip.open(path, "rb") as src:
+            shutil.copyfileobj(src, tmp, 1 << 20)
+        tmp.seek(0)
+        with pq.ParquetFile(tmp) as f:
+            yield f
+
+
+def _open_text(path: Path, newline: Optional[str] = None):
     """A text file, or the text inside a ``.gz`` file (UTF-8, a leading BOM dropped)."""
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig")
-    return open(path, encoding="utf-8-sig")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline=newline)
+    return open(path, encoding="utf-8-sig", newline=newline)
 
 
 def _jsonl_objects(path: Path) -> Iterator[Tuple[Optional[Dict[str, Any]], Optional[str]]]:
@@ -224,20 +241,8 @@ class _Batches:
             yield pa.table({c: pa.array(v, pa.string()) for c, v in values.items()}), np.arange(start, n)
 
     # Parquet ----------------------------------------------------------------------------------------------------
-    @contextmanager
     def _parquet(self):
-        import pyarrow.parquet as pq
-
-        if not self.path.name.lower().endswith(".gz"):
-            with pq.ParquetFile(self.path) as f:
-                yield f
-            return
-        with tempfile.TemporaryFile() as tmp:  # Parquet needs a seekable file: decompress to disk, not to memory
-            with gzip.open(self.path, "rb") as src:
-                shutil.copyfileobj(src, tmp, 1 << 20)
-            tmp.seek(0)
-            with pq.ParquetFile(tmp) as f:
-                yield f
+        return parquet_file(self.path)
 
     def _parquet_batches(self, wanted: List[str]):
         import numpy as np
@@ -466,10 +471,8 @@ class TableStream:
                 raise ConfigError(f"input {self.path}: empty table (no header row, no data rows)")
             return header, None
         if self.fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            meta = pq.ParquetFile(self.path)
-            return list(meta.schema_arrow.names), meta.metadata.num_rows
+            with parquet_file(self.path) as meta:
+                return list(meta.schema_arrow.names), meta.metadata.num_rows
         columns: List[str] = []
         for record, _ in islice(self._jsonl_records(), JSONL_PEEK):  # union of keys in first-seen order
             columns.extend(k for k in (record or {}) if k not in columns)
@@ -477,8 +480,8 @@ class TableStream:
 
     @contextmanager
     def _open_csv(self) -> Iterator[Tuple[Any, Any]]:
-        delimiter = "\t" if self.path.suffix.lower() == ".tsv" else ","
-        with open(self.path, newline="", encoding="utf-8-sig") as f:
+        delimiter = "\t" if _suffix(self.path) == ".tsv" else ","
+        with _open_text(self.path, newline="") as f:
             yield csv.reader(f, delimiter=delimiter), f
 
     def _csv_rows(self) -> Iterator[Row]:
@@ -500,9 +503,7 @@ class TableStream:
             yield self._values(record or {}), problem
 
     def _parquet_rows(self) -> Iterator[Row]:
-        import pyarrow.parquet as pq
-
-        table = pq.ParquetFile(self.path)
-        for batch in table.iter_batches(batch_size=self.chunk_rows, columns=self.wanted):
-            for record in batch.to_pylist():
-                yield self._values(record), None
+        with parquet_file(self.path) as table:
+            for batch in table.iter_batches(batch_size=self.chunk_rows, columns=self.wanted):
+                for record in batch.to_pylist():
+                    yield self._values(record), None
