@@ -180,7 +180,7 @@ def test_kind_inference_threshold():
     cells = [{"a": str(i), "b": str(i), "c": None} for i in range(18)]
     cells += [{"a": "12", "b": "x", "c": None}, {"a": "n/a", "b": "y", "c": None}, {"a": None, "b": None, "c": None}]
     # a: 19 of 20 non-empty cells parse (95 %); b: 18 of 20 (90 %); c: nothing to judge by
-    assert infer_kinds(cfg, cells) == {"a": "numeric", "b": "categorical", "c": "categorical"}
+    assert infer_kinds(cfg, lambda col: [c[col] for c in cells]) == {"a": "numeric", "b": "categorical", "c": "categorical"}
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from mmcat.errors import ConfigError
 
@@ -70,10 +70,11 @@ def parse_number(value: Optional[str]) -> Optional[float]:
     return number if math.isfinite(number) else None
 
 
-def infer_kinds(cfg, train_cells: Iterable[Mapping[str, Optional[str]]]) -> Kinds:
+def infer_kinds(cfg, column_cells: Callable[[str], Iterable[Optional[str]]]) -> Kinds:
     """Each column's kind: forced by --numeric/--categorical-attributes, else numeric when at least 95 % of its
-    non-empty train cells parse as finite floats (a column with no non-empty train cell is categorical)."""
-    cells = list(train_cells)
+    non-empty train cells parse as finite floats (a column with no non-empty train cell is categorical).
+    ``column_cells(col)``: the stripped train cells of one column (None when empty), read column by column so a
+    catalog's plan never holds a dict per row."""
     kinds: Kinds = {}
     for col in cfg.attribute_columns:
         if col in cfg.numeric_attributes:
@@ -81,9 +82,12 @@ def infer_kinds(cfg, train_cells: Iterable[Mapping[str, Optional[str]]]) -> Kind
         elif col in cfg.categorical_attributes:
             kinds[col] = "categorical"
         else:
-            present = [c[col] for c in cells if c[col] is not None]
-            numeric = sum(parse_number(v) is not None for v in present)
-            kinds[col] = "numeric" if present and numeric >= NUMERIC_SHARE * len(present) else "categorical"
+            present = numeric = 0
+            for cell in column_cells(col):
+                if cell is not None:
+                    present += 1
+                    numeric += parse_number(cell) is not None
+            kinds[col] = "numeric" if present and numeric >= NUMERIC_SHARE * present else "categorical"
     return kinds
 
 

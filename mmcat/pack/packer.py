@@ -16,8 +16,8 @@ import cv2
 from tqdm import tqdm
 
 from mmcat.errors import ConfigError
-from mmcat.pack.attributes import (ATTRIBUTE_STATS, FIT_SPLIT, NUMERIC_SHARE, Kinds, check_attribute_settings,
-                                   merged_stats, parse_number)
+from mmcat.pack.attributes import (ATTRIBUTE_STATS, FIT_SPLIT, Kinds, check_attribute_settings, infer_kinds,
+                                   merged_stats)
 from mmcat.pack.layouts import LABEL_FIELDS, read_layout
 from mmcat.pack.download import DownloadSettings, Prefetch
 from mmcat.pack.manifest import build_manifest, records_summary, sort_failures, sum_notes, write_dataset_files
@@ -242,25 +242,9 @@ def pack(cfg) -> dict:
 
 
 def _attribute_kinds(cfg, plan: Plan) -> Kinds:
-    """The attribute kinds, from the plan's train rows (the whole table's, so every slice agrees): forced by
-    --numeric/--categorical-attributes, else numeric when at least 95 % of a column's non-empty train cells are
-    finite floats (:func:`mmcat.pack.attributes.infer_kinds`, counted column by column instead of a dict per
-    row)."""
-    kinds: Kinds = {}
+    """The attribute kinds, from the plan's train rows (the whole table's, so every slice agrees)."""
     train = plan.order.get(FIT_SPLIT, [])
-    for col in cfg.attribute_columns:
-        if col in cfg.numeric_attributes:
-            kinds[col] = "numeric"
-        elif col in cfg.categorical_attributes:
-            kinds[col] = "categorical"
-        else:
-            present = numeric = 0
-            for cell in plan.cells(col, train):
-                if cell is not None:
-                    present += 1
-                    numeric += parse_number(cell) is not None
-            kinds[col] = "numeric" if present and numeric >= NUMERIC_SHARE * present else "categorical"
-    return kinds
+    return infer_kinds(cfg, lambda col: plan.cells(col, train))
 
 
 def _open_writers(cfg, plan: Plan, layout: Layout, splits: List[str], kinds: Kinds
