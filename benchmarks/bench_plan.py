@@ -198,7 +198,7 @@ def report(results: list, sizes: list) -> None:
         run = "whole" if r["slices"] == 1 else f"slice 1/{r['slices']}"
         held = min(r["held_text_rows"].values())
         print(f"{r['fmt']:8} {r['size']:>11,} {run:>11} {r['file_gb']:>8.2f} {r['wall_s']:>8.1f} "
-              f"{r['peak_rss_mb']:>12.0f} {held:>15,} {r["text_bytes"] / 2 ** 20:>8.0f} {r["arrow_allocated_mb"]:>9.0f}")
+              f"{r['peak_rss_mb']:>12.0f} {held:>15,} {r['text_bytes'] / 2 ** 20:>8.0f} {r['arrow_allocated_mb']:>9.0f}")
     if len(sizes) >= 2:
         small, big = min(sizes), max(sizes)
         print(f"\ngrowth {big // small}x rows ({big:,} / {small:,}):")
