@@ -9,7 +9,8 @@ title of ~60 and a description of ~200 characters. Then, in a fresh subprocess p
 run's own, ``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``), ``mmcat.pack.packer.plan_input`` -- what
 ``mmcat pack`` does before opening any photo: read (pyarrow, streamed, column-pruned), labels, splits, packing
 order, slice assignment -- for the whole table and for slice 0 of --slices. Each child checks that the text it
-holds is exactly its own rows'. Prints a table with the 10M/1M growth of time and memory (linear: <= 10x).
+holds is exactly its own rows'. The text and photo-path columns are memory-mapped from a temporary file (see
+``mmcat.pack.tables._Spill``): "text MB" is their size, "arrow MB" what pyarrow's allocators hold (ids, labels). Prints a table with the 10M/1M growth of time and memory (linear: <= 10x).
 Not a test: prints figures, asserts only that a slice holds its own rows' text and nothing else.
 """
 from __future__ import annotations
@@ -93,6 +94,7 @@ def child(table: Path, slices: int, index: int) -> None:
     t = time.perf_counter()
     source, plan = plan_input(cfg)
     wall, hwm = time.perf_counter() - t, _hwm_mb()  # before the checks below allocate anything
+    allocated = _allocated_mb()  # what pyarrow's allocators hold: the mapped text columns are not in it
     rows = source.table.num_rows
     held = {c: rows - source.table.column(c).null_count for c in cfg.text_columns}
     # the text held is exactly the rows index::slices (row 0 = the first data row)
@@ -104,8 +106,21 @@ def child(table: Path, slices: int, index: int) -> None:
         assert source.table.column("id")[i].as_py() == f"SKU-{i:09d}"
     text_bytes = sum(source.table.column(c).nbytes for c in cfg.text_columns)
     print(json.dumps({"wall_s": wall, "rows": rows, "held_text_rows": held, "text_bytes": text_bytes,
+                      "arrow_allocated_mb": allocated,
                       "vm_hwm_mb": hwm, "packed_here": sum(len(plan.owned(s, index, slices)) for s in plan.order),
                       "labels": len(plan.labels)}))
+
+
+def _allocated_mb() -> float:
+    """MB held by pyarrow's memory pools (the default one and the jemalloc one the CSV reader uses)."""
+    import pyarrow as pa
+
+    pools = {"default": pa.default_memory_pool()}
+    try:
+        pools["jemalloc"] = pa.jemalloc_memory_pool()
+    except NotImplementedError:
+        pass
+    return sum(p.bytes_allocated() for p in {p.backend_name: p for p in pools.values()}.values()) / 2 ** 20
 
 
 def _hwm_mb() -> float:
@@ -178,12 +193,12 @@ def main() -> None:
 
 def report(results: list, sizes: list) -> None:
     print(f"\n{'format':8} {'rows':>11} {'run':>11} {'file GB':>8} {'wall s':>8} {'peak RSS MB':>12} "
-          f"{'text rows held':>15}")
+          f"{'text rows held':>15} {'text MB':>8} {'arrow MB':>9}")
     for r in results:
         run = "whole" if r["slices"] == 1 else f"slice 1/{r['slices']}"
         held = min(r["held_text_rows"].values())
         print(f"{r['fmt']:8} {r['size']:>11,} {run:>11} {r['file_gb']:>8.2f} {r['wall_s']:>8.1f} "
-              f"{r['peak_rss_mb']:>12.0f} {held:>15,}")
+              f"{r['peak_rss_mb']:>12.0f} {held:>15,} {r['text_bytes'] / 2 ** 20:>8.0f} {r['arrow_allocated_mb']:>9.0f}")
     if len(sizes) >= 2:
         small, big = min(sizes), max(sizes)
         print(f"\ngrowth {big // small}x rows ({big:,} / {small:,}):")

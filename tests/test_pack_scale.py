@@ -212,3 +212,90 @@ def test_unreadable_tables_are_one_line_errors(tmp_path: Path):
             plan_input(_config(tmp_path / name, attribute_columns=["brand"] if name == "ok.csv" else []))
         assert needle in str(exc.value) and str(tmp_path / name) in str(exc.value), str(exc.value)
         assert "\n" not in str(exc.value)
+
+
+# ------------------------------------------------------------------------------- row columns, memory-mapped
+def _allocated() -> int:
+    """Bytes held by pyarrow's allocators (the default pool and the jemalloc pool the CSV reader uses)."""
+    pools = [pa.default_memory_pool(), pa.system_memory_pool()]
+    try:
+        pools.append(pa.jemalloc_memory_pool())
+    except NotImplementedError:
+        pass
+    return sum(p.bytes_allocated() for p in {id(p): p for p in pools}.values())
+
+
+def _mapped_from(column, folder: Path) -> bool:
+    """Whether every value buffer of ``column`` lies in a mapping of a file of ``folder`` that is already
+    unlinked (Linux: /proc/self/maps says "(deleted)")."""
+    maps = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith(str(folder) + "/") and parts[5].endswith(" (deleted)"):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            maps.append((lo, hi))
+    buffers = [chunk.buffers()[2] for chunk in column.chunks if chunk.buffers()[2] is not None]
+    buffers = [b for b in buffers if b.size]
+    return bool(buffers) and all(any(lo <= b.address < hi for lo, hi in maps) for b in buffers)
+
+
+def test_a_whole_table_plan_keeps_text_and_photo_paths_memory_mapped(tmp_path: Path, monkeypatch):
+    """The text and photo columns of a whole-table run are not in pyarrow's allocators but mapped from a
+    temporary file that is already gone from the folder; the packed samples' texts are the table's rows (by id),
+    and a job-array slice's own rows are mapped the same way."""
+    from mmcat.pack import pack
+    from mmcat.pack.packer import plan_input
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    rng = random.Random(5)
+    words = "oak mug lamp steel blue small large glass cotton chair".split()
+    rows = [{"id": f"sku{i:04d}", "image": f"images/sku{i:04d}.jpg",
+             "title": " ".join(rng.choice(words) for _ in range(8)),
+             "description": " ".join(rng.choice(words) for _ in range(400)), "category": "abc"[i % 3]}
+            for i in range(600)]
+    table = _write_csv(tmp_path / "products.csv", rows, extra_lines=["broken,images/x.jpg,a title,mugs"])
+    (tmp_path / "images").mkdir()
+
+    before = _allocated()
+    source, plan = plan_input(_config(table))
+    held = _allocated() - before
+    t = source.table
+    row_bytes = sum(t.column(c).nbytes for c in ("image", "title", "description"))
+    assert row_bytes > 1_000_000 and held < row_bytes / 4, (held, row_bytes)
+    for col in ("image", "title", "description"):
+        assert _mapped_from(t.column(col), scratch), col
+        assert not _mapped_from(t.column("id"), scratch)  # ids and labels stay in memory
+    assert list(scratch.iterdir()) == []  # unlinked once mapped: nothing left behind
+    by_id = {r["id"]: r for r in rows}
+    for i, (id_, title, desc) in enumerate(zip(*(t.column(c).to_pylist() for c in ("id", "title", "description")))):
+        want = by_id.get(id_, {"title": "a title", "description": "mugs"})  # the broken row, as split
+        assert (title, desc) == (want["title"], want["description"]), i
+
+    pack(pack_config(table, tmp_path / "out", image_size=16, max_samples_per_shard=200))
+    got = {}
+    for _, (split, members) in _samples(tmp_path / "out").items():
+        meta = json.loads(members["json"])
+        got[meta["id"]] = (meta["title"], meta["description"])
+    assert got == {r["id"]: (r["title"], r["description"]) for r in rows}
+    assert list(scratch.iterdir()) == []
+
+    source, _ = plan_input(_config(table, slice_index=1, num_slices=3))
+    for col in ("image", "title", "description"):
+        assert _mapped_from(source.table.column(col), scratch), col
+        assert {i: v for i, v in zip(source.table.column("id").to_pylist(), source.table.column(col).to_pylist())
+                if v is not None} == {r["id"]: r[col] for r in rows[1::3]}
+
+
+def test_no_room_for_the_temporary_copy_is_one_line(tmp_path: Path, monkeypatch):
+    from mmcat.config import ConfigError
+    from mmcat.pack.packer import plan_input
+
+    not_a_folder = tmp_path / "full"
+    not_a_folder.write_text("")
+    monkeypatch.setattr("tempfile.tempdir", str(not_a_folder))
+    table = _write_csv(tmp_path / "t.csv", [{"id": "p1", "image": "", "title": "t", "description": "", "category": "a"}])
+    with pytest.raises(ConfigError) as exc:
+        plan_input(_config(table))
+    assert "TMPDIR" in str(exc.value) and str(not_a_folder) in str(exc.value) and "\n" not in str(exc.value)

@@ -13,13 +13,16 @@ row by row in bounded memory (``mmcat predict``).
 """
 from __future__ import annotations
 
+import atexit
 import csv
 import gzip
 import io
 import json
 import math
+import os
 import shutil
 import tempfile
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
@@ -148,6 +151,7 @@ class _Batches:
     def __init__(self, path: Path, fmt: str):
         self.path, self.fmt = path, fmt
         self.bad: Dict[int, Tuple[str, Dict[str, str]]] = {}
+        self.bad_order: List[int] = []  # the keys of ``bad`` as found (file order), for rows read as they come
 
     # -- columns
     def columns(self) -> Optional[List[str]]:
@@ -205,6 +209,7 @@ class _Batches:
                 values = dict(zip(header, fields))
                 self.bad[index] = (f"{row.actual_columns} fields, the header has {row.expected_columns}: "
                                    f"{row.text[:80]}", values)
+                self.bad_order.append(index)
             return "skip"
 
         start = 0  # data-row index of the next good row (before skipping bad ones)
@@ -329,21 +334,111 @@ def _read(batches: _Batches, required: List[str], row_columns: List[str], slice_
         _check_columns(batches.path, columns, required + row_columns)
     one_pass = num_slices == 1 or not row_columns
     wanted = required + row_columns if one_pass else required
-    pieces, indices = [], []
-    for table, idx in batches.batches(wanted):
-        if len(idx):
-            pieces.append(table)
-            indices.append(idx)
-    total = max([int(i[-1]) + 1 for i in indices] + [b + 1 for b in batches.bad] + [0])
-    if total == 0:
-        raise ConfigError(f"input {batches.path}: no data rows")
-    if columns is None:
-        _check_columns(batches.path, list(batches.keys), required + row_columns)
-    table = _in_row_order(pieces, indices, batches.bad, wanted)
+    spilled = row_columns if one_pass else []  # the whole table's text and photo paths: to disk as read
+    kept = [c for c in wanted if c not in spilled]
+    pieces = []
+    with _Spill(spilled) as spill:
+        for piece in _in_row_order(batches.batches(wanted), batches, wanted):
+            pieces.append(piece.select(kept))
+            spill.write(piece.select(spilled))
+        if not sum(p.num_rows for p in pieces):
+            raise ConfigError(f"input {batches.path}: no data rows")
+        if columns is None:
+            _check_columns(batches.path, list(batches.keys), required + row_columns)
+        table = _joined(pieces, kept, spill.read())
     del pieces
     if not one_pass:  # the second pass: this slice's rows of the big columns, null in the others' rows
         table = _add_owned_columns(table, batches, row_columns, slice_index, num_slices)
     return table, {i: detail for i, (detail, _) in sorted(batches.bad.items())}
+
+
+def _joined(pieces: List[Any], kept: List[str], spilled):
+    """One table of the in-memory pieces' ``kept`` columns and the memory-mapped ``spilled`` ones (or None),
+    columns in the order read."""
+    import pyarrow as pa
+
+    schema = pa.schema([(c, pa.string()) for c in kept])
+    table = pa.concat_tables(pieces) if pieces else schema.empty_table()
+    for name in spilled.column_names if spilled is not None else []:
+        table = table.append_column(name, spilled.column(name))
+    return table
+
+
+class _Spill:
+    """String columns written, batch by batch as they are read, to a temporary Arrow IPC file and read back
+    memory-mapped (zero-copy): a 10M-row table's text and photo paths (~3 GB) are then not resident while the
+    table is planned; packing touches the pages of the rows it makes tasks of, and the kernel may evict them.
+
+    The file goes to the temporary folder (``TMPDIR``, else /tmp): the reader does not know the output folder
+    (``plan_input`` runs without one), and TMPDIR is where a user already points big scratch files. It is
+    unlinked as soon as it is mapped, so nothing is left behind, even by a killed run; its disk space comes
+    back when the last column of the table is garbage-collected (at the latest when the process exits).
+    With no columns (a table read without row columns) it does nothing and :meth:`read` gives None."""
+
+    def __init__(self, columns: List[str]):
+        self.columns, self.name, self.writer, self.sink = columns, None, None, None
+
+    def __enter__(self) -> "_Spill":
+        if self.columns:
+            import pyarrow as pa
+            import pyarrow.ipc as ipc
+
+            try:
+                fd, self.name = tempfile.mkstemp(prefix="mmcat-rows-", suffix=".arrow")
+                os.close(fd)
+                self.sink = pa.OSFile(self.name, "wb")
+                self.writer = ipc.new_file(self.sink, pa.schema([(c, pa.string()) for c in self.columns]))
+            except OSError as exc:
+                self.__exit__()
+                raise self._no_room(exc) from None
+        return self
+
+    def write(self, table) -> None:
+        if self.writer is not None and table.num_rows:
+            try:
+                self.writer.write_table(table)
+            except OSError as exc:  # a full disk
+                raise self._no_room(exc) from None
+
+    def _no_room(self, exc: OSError) -> ConfigError:
+        """Where the copy goes and how to move it, in one line."""
+        where = self.name or tempfile.gettempdir()
+        return ConfigError(f"cannot write the temporary copy of the text and photo columns to {where} ({exc}); "
+                           f"set TMPDIR to a folder with room for about the size of the table")
+
+    def read(self):
+        """The columns written, memory-mapped from the file (which is then unlinked); None without columns."""
+        if self.writer is None:
+            return None
+        import pyarrow as pa
+        import pyarrow.ipc as ipc
+
+        self._close()
+        table = ipc.open_file(pa.memory_map(self.name, "r")).read_all()  # buffers point into the mapping
+        self._unlink()
+        return table
+
+    def _close(self) -> None:
+        writer, sink, self.writer, self.sink = self.writer, self.sink, None, None
+        if writer is not None:
+            writer.close()
+        if sink is not None:
+            sink.close()
+
+    def _unlink(self) -> None:
+        if self.name is None:
+            return
+        try:
+            os.unlink(self.name)  # POSIX: the mapping keeps the data until the table is collected
+        except OSError:  # Windows cannot unlink a mapped file: at exit then
+            atexit.register(lambda name=self.name: Path(name).unlink(missing_ok=True))
+        self.name = None
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._close()
+        finally:
+            self._unlink()
 
 
 def _check_columns(path: Path, columns: List[str], needed: List[str]) -> None:
@@ -353,52 +448,68 @@ def _check_columns(path: Path, columns: List[str], needed: List[str]) -> None:
 
 
 def _add_owned_columns(table, batches: _Batches, row_columns: List[str], slice_index: int, num_slices: int):
-    """``row_columns`` read again, keeping the rows ``slice_index::num_slices`` only; null in every other row."""
+    """``row_columns`` read again, keeping the rows ``slice_index::num_slices`` only; null in every other row (a
+    problem row included). Written row run by row run to a :class:`_Spill`, so they are memory-mapped too."""
     import numpy as np
     import pyarrow as pa
 
-    owned, owned_idx = [], []
-    for part, idx in batches.batches(row_columns):
-        keep = np.flatnonzero(idx % num_slices == slice_index)
-        owned.append(part.take(pa.array(keep)))
-        owned_idx.append(idx[keep])
-    values = pa.concat_tables(owned) if owned else pa.table({c: pa.array([], pa.string()) for c in row_columns})
-    where = np.full(table.num_rows, -1, np.int64)  # row -> its position among the owned values, -1: not owned
-    if owned_idx:
-        flat = np.concatenate(owned_idx)
-        where[flat] = np.arange(len(flat))
-    take = pa.array(where, mask=where < 0)
+    def nulls(count: int):
+        return pa.table({c: pa.nulls(count, pa.string()) for c in row_columns})
+
+    pos = 0  # the next data row to write
+    with _Spill(row_columns) as spill:
+        for part, idx in batches.batches(row_columns):
+            if not len(idx):
+                continue
+            end = int(idx[-1]) + 1
+            keep = np.flatnonzero(idx % num_slices == slice_index)
+            where = np.full(end - pos, -1, np.int64)  # data row -> its row in this batch, -1: null there
+            where[idx[keep] - pos] = keep
+            take = pa.array(where, mask=where < 0)
+            spill.write(pa.table({c: _filled(part.column(c)).take(take) for c in row_columns}))
+            pos = end
+        spill.write(nulls(table.num_rows - pos))  # bad rows after the last good one
+        owned = spill.read()
     for col in row_columns:
-        table = table.append_column(col, _filled(values.column(col)).combine_chunks().take(take))
+        table = table.append_column(col, owned.column(col))
     return table
 
 
-def _in_row_order(pieces: List[Any], indices: List[Any], bad: Dict[int, Tuple[str, Dict[str, str]]],
-                  wanted: List[str]):
-    """The good rows' batches with the bad rows put back in their places: one row per data row."""
+def _in_row_order(batches: Iterator[Tuple[Any, Any]], source: _Batches, wanted: List[str]) -> Iterator[Any]:
+    """The good rows' batches with the bad rows (``source.bad``, found while reading) put back in their places,
+    as they are read: one row per data row, in order."""
     import pyarrow as pa
+
+    bad = source.bad
 
     def bad_rows(rows: List[int]):
         return pa.table({c: pa.array([bad[i][1].get(c) or "" for i in rows], pa.string()) for c in wanted})
 
     schema = pa.schema([(c, pa.string()) for c in wanted])
-    out, pending = [], sorted(bad)
-    for table, idx in zip(pieces, indices):
+    pending: deque = deque()
+    seen = 0  # bad rows already in pending (the handler adds them in file order)
+    for table, idx in batches:
+        if len(bad) > seen:
+            pending = deque(sorted([*pending, *source.bad_order[seen:]]))
+            seen = len(bad)
+        if not len(idx):
+            continue
         table = pa.table({c: _filled(table.column(c)) for c in wanted}, schema=schema)
         pos = 0
-        while pending and len(idx) and pending[0] < idx[-1]:  # a bad row inside (or before) this batch
+        while pending and pending[0] < idx[-1]:  # a bad row inside (or before) this batch
             cut = int((idx < pending[0]).sum())
             if cut > pos:
-                out.append(table.slice(pos, cut - pos))
+                yield table.slice(pos, cut - pos)
                 pos = cut
-            run = [pending.pop(0)]
+            run = [pending.popleft()]
             while pending and pending[0] == run[-1] + 1:
-                run.append(pending.pop(0))
-            out.append(bad_rows(run))
-        out.append(table.slice(pos))
+                run.append(pending.popleft())
+            yield bad_rows(run)
+        yield table.slice(pos)
+    if len(bad) > seen:
+        pending = deque(sorted([*pending, *source.bad_order[seen:]]))
     if pending:
-        out.append(bad_rows(pending))
-    return pa.concat_tables(out) if out else schema.empty_table()
+        yield bad_rows(list(pending))
 
 
 # ------------------------------------------------------------------------------------------- streaming reader
