@@ -242,6 +242,9 @@ class TrainConfig:
     # fp32 accumulation), and cuDNN's autotuner picking the fastest convolution for the (fixed) image size
     tf32: bool = True
     cudnn_benchmark: bool = True
+    # recompute backbone activations in backward instead of storing them (image stages, text layers): less memory
+    # for larger batches, about one extra backbone forward per step
+    grad_checkpointing: bool = False
 
 
 @dataclass

@@ -51,3 +51,56 @@ def test_fused_adamw_only_on_cuda_without_deepspeed(device, deepspeed, fused):
     opt = build_optimizer(Parts(), _cfg(), device, deepspeed)
     assert isinstance(opt, torch.optim.AdamW) and bool(opt.defaults.get("fused")) is fused
     assert [g["name"] for g in opt.param_groups] == ["image", "head"]
+
+
+# ------------------------------------------------------------------------------------------ gradient checkpointing
+def _step(model, inputs, labels):
+    """One training forward + backward; returns (loss, grads by name, bytes autograd kept for backward outside
+    checkpointed regions)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # the text encoder's dropout: the same masks in both runs
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits, aux = model(*inputs, labels=labels)
+        loss = nn.functional.cross_entropy(logits, labels) + sum(
+            nn.functional.cross_entropy(a_logits, labels) for a_logits, _ in aux.values())
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, sum(saved)
+
+
+def test_grad_checkpointing_keeps_loss_gradients_and_norm_statistics_and_saves_memory(tiny_text):
+    import copy
+
+    from mmcat.models import build_model
+    from train_helpers import model_cfg
+
+    torch.manual_seed(0)
+    plain = build_model(model_cfg(tiny_text, "model.modality_dropout=0.0", "model.image.channels_last=false"),
+                        num_labels=3).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.enable_grad_checkpointing()
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=g),
+              torch.randint(1000, 2000, (4, 12), generator=g), torch.ones(4, 12, dtype=torch.long))
+    labels = torch.tensor([0, 1, 2, 1])
+
+    loss_a, grads_a, kept_a = _step(plain, inputs, labels)
+    loss_b, grads_b, kept_b = _step(checkpointed, inputs, labels)
+
+    assert torch.allclose(loss_a, loss_b, rtol=1e-6, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == len(list(plain.parameters()))
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6), name
+    # the recomputation in backward must not move BatchNorm's running statistics a second time
+    state_a, state_b = plain.state_dict(), checkpointed.state_dict()
+    assert state_a.keys() == state_b.keys()  # checkpointing adds nothing to what is saved
+    for key in (k for k in state_a if "running_" in k or "num_batches_tracked" in k):
+        assert torch.allclose(state_a[key].float(), state_b[key].float(), rtol=1e-5, atol=1e-6), key
+    print("saved-for-backward bytes without / with checkpointing:", kept_a, kept_b)
+    assert kept_b < 0.5 * kept_a, (kept_a, kept_b)

@@ -127,6 +127,8 @@ def _build_model(cfg: Any, acc: Accelerator, num_labels: int, total_steps: int,
     """Model, optimizer and scheduler, wrapped by ``accelerator.prepare`` (DDP or a DeepSpeed engine)."""
     with whole_model_init(acc):
         model = build_model(_model_config(cfg, acc), num_labels=num_labels, modalities=modalities)
+    if cfg.train.grad_checkpointing:
+        model.enable_grad_checkpointing()
     use_ds = acc.state.deepspeed_plugin is not None
     flags = apply_backend_flags(acc.device, cfg)
     optimizer = build_optimizer(model, cfg, acc.device.type, use_ds)
