@@ -245,6 +245,9 @@ class TrainConfig:
     # recompute backbone activations in backward instead of storing them (image stages, text layers): less memory
     # for larger batches, about one extra backbone forward per step
     grad_checkpointing: bool = False
+    # torch.compile the model (mmcat.train.speed.compile_model; train text padded to multiples of 16 tokens so the
+    # shapes repeat); the first steps are slow while it compiles
+    compile: bool = False
 
 
 @dataclass

@@ -104,3 +104,54 @@ def test_grad_checkpointing_keeps_loss_gradients_and_norm_statistics_and_saves_m
         assert torch.allclose(state_a[key].float(), state_b[key].float(), rtol=1e-5, atol=1e-6), key
     print("saved-for-backward bytes without / with checkpointing:", kept_a, kept_b)
     assert kept_b < 0.5 * kept_a, (kept_a, kept_b)
+
+
+# ----------------------------------------------------------------------------------------------------- compile
+@pytest.mark.parametrize("length, max_length, want", [(5, 64, 16), (16, 64, 16), (17, 64, 32), (60, 64, 64),
+                                                      (60, 70, 64), (69, 70, 70), (3, 3, 3), (20, 20, 20)])
+def test_bucket_length(length, max_length, want):
+    from mmcat.train.speed import bucket_length
+
+    assert bucket_length(length, max_length) == want
+
+
+def test_compiled_training_with_bucketed_text_compiles_once_and_keeps_the_loss(tiny_text):
+    """Batches whose texts have 5..14 tokens: bucketed to 16, one graph for all; unbucketed, each new length is
+    a new input shape (a recompile, after which PyTorch makes the length dynamic). The padding changes no loss."""
+    import torch._dynamo
+
+    from mmcat.models import build_model
+    from mmcat.train.speed import compile_model, compiled_graphs, pad_text_to_bucket
+    from train_helpers import model_cfg
+
+    cfg = model_cfg(tiny_text, "model.modality_dropout=0.0", "model.aux_loss_weight=0.0", "model.dropout=0.0",
+                    "model.modalities=[text]")
+    torch.manual_seed(0)
+    model = build_model(cfg, num_labels=3).eval()  # eval: no dropout, so eager and compiled losses compare
+    labels = torch.tensor([0, 1, 2, 1])
+    batches = []
+    for length in (5, 9, 14, 7):
+        ids = torch.randint(1000, 2000, (4, length), generator=torch.Generator().manual_seed(length))
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+    def losses(padded: bool):
+        out = []
+        for b in batches:
+            b = pad_text_to_bucket(b, pad_id=0, max_length=64) if padded else b
+            logits = model(torch.zeros(4, 3, 8, 8), b["input_ids"], b["attention_mask"])
+            out.append(nn.functional.cross_entropy(logits, labels).item())
+        return out
+
+    eager = losses(padded=False)
+    torch._dynamo.reset()
+    compile_model(model, backend="eager")  # dynamo's graph capture and guards, without inductor's C++ build time
+    start = compiled_graphs()
+    bucketed = losses(padded=True)
+    graphs_bucketed = compiled_graphs() - start
+    torch._dynamo.reset()
+    start = compiled_graphs()
+    unbucketed = losses(padded=False)
+    graphs_unbucketed = compiled_graphs() - start
+    print("graphs compiled over 4 text lengths: bucketed", graphs_bucketed, "unbucketed", graphs_unbucketed)
+    assert bucketed == pytest.approx(eager, abs=1e-5) and unbucketed == pytest.approx(eager, abs=1e-5)
+    assert graphs_bucketed == 1 and graphs_unbucketed > 1

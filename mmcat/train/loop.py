@@ -29,6 +29,7 @@ from mmcat.train.checkpoint import TrainerState, load_checkpoint, save_checkpoin
 from mmcat.train.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
 from mmcat.files import write_atomic
 from mmcat.train.setup import TrainingSetup, build_training
+from mmcat.train.speed import compiled_graphs, pad_text_to_bucket
 from mmcat.train.tensorboard import confusion_image, per_class_f1
 
 log = logging.getLogger("mmcat.train")
@@ -161,6 +162,8 @@ class Trainer:
         """One micro-batch: forward, loss, backward; on the window's last micro-batch the optimizer step and the
         decisions taken at its boundary (log, evaluate/export, checkpoint, stop)."""
         acc, st, t = self.accelerator, self.state, self.cfg.train
+        if self.cfg.train.compile:  # repeated text shapes: no recompile per distinct longest text
+            batch = pad_text_to_bucket(batch, self.tokenizer.pad_token_id or 0, int(self.cfg.data.max_text_length))
         batch = send_to_device(batch, acc.device, non_blocking=True)
         seed_step_rng(self.cfg.seed, acc.process_index, st.epoch, st.batch_in_epoch)
         grad_norm = None
@@ -363,6 +366,8 @@ class Trainer:
         if grad_norm is not None:
             logs["train/grad_norm"] = float(grad_norm)
         logs.update({f"train/aux_loss/{k}": v for k, v in self._aux_mean.items()})
+        if self.cfg.train.compile:  # recompiles show up as a growing count
+            logs["perf/compiled_graphs"] = compiled_graphs()
         logs.update({f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)})
         self.accelerator.log(logs, step=st.global_step)
         self.bar.set_postfix(loss=f"{loss:.3f}", sps=f"{rate:.1f}", wait=f"{wait_fraction:.2f}")

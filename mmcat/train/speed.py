@@ -38,3 +38,45 @@ def adamw_kwargs(device_type: str, use_deepspeed: bool) -> Dict[str, Any]:
     if device_type == "cuda" and not use_deepspeed:
         return {"fused": True}
     return {}
+
+
+# ------------------------------------------------------------------------------------------------ torch.compile
+TEXT_BUCKET = 16  # train.compile pads text batches to a multiple of this many tokens
+
+
+def bucket_length(length: int, max_length: int, multiple: int = TEXT_BUCKET) -> int:
+    """The padded text length of a batch whose longest text has ``length`` tokens: the next multiple of
+    ``multiple``, but never past ``max(length, max_length)`` (the tokenizer's cap is a bucket of its own), so a
+    run sees at most ``ceil(max_length / multiple)`` text shapes instead of one per distinct longest text."""
+    return min(-(-length // multiple) * multiple, max(length, max_length))
+
+
+def pad_text_to_bucket(batch: Dict[str, Any], pad_id: int, max_length: int,
+                       multiple: int = TEXT_BUCKET) -> Dict[str, Any]:
+    """``batch`` with ``input_ids`` / ``attention_mask`` right-padded to :func:`bucket_length` (pad tokens with
+    mask 0, which the encoder ignores, as the tokenizer's own dynamic padding does)."""
+    ids = batch.get("input_ids")
+    if ids is None:
+        return batch
+    extra = bucket_length(ids.shape[1], max_length, multiple) - ids.shape[1]
+    if extra <= 0:
+        return batch
+    pad = torch.nn.functional.pad
+    return {**batch, "input_ids": pad(ids, (0, extra), value=pad_id),
+            "attention_mask": pad(batch["attention_mask"], (0, extra), value=0)}
+
+
+def compile_model(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
+    """train.compile: compile ``model`` in place (``nn.Module.compile``: the same module, so its state dict keys,
+    checkpoints and artifacts are unchanged). Shapes are static first; a dimension seen with a second size (eval's
+    last, smaller batch; unbucketed eval text) becomes dynamic in one recompile (PyTorch's automatic dynamic
+    shapes), so recompiles stay bounded; ``compiled_graphs`` counts them."""
+    model.compile(backend=backend)
+    return model
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process (the first compile and each recompile)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
