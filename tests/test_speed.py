@@ -155,3 +155,61 @@ def test_compiled_training_with_bucketed_text_compiles_once_and_keeps_the_loss(t
     print("graphs compiled over 4 text lengths: bucketed", graphs_bucketed, "unbucketed", graphs_unbucketed)
     assert bucketed == pytest.approx(eager, abs=1e-5) and unbucketed == pytest.approx(eager, abs=1e-5)
     assert graphs_bucketed == 1 and graphs_unbucketed > 1
+
+
+# --------------------------------------------------------------------------------------------------------- MFU
+def test_flops_per_sample_is_three_forwards_as_counted():
+    from mmcat.train.perf import training_flops_per_sample
+
+    layer = nn.Linear(8, 4)
+    x = torch.randn(5, 8)
+    # one forward: 5 x 8 x 4 multiply-adds = 320 FLOPs; forward + backward = 3x; per sample /5
+    assert training_flops_per_sample(lambda: layer(x), batch_size=5) == 3 * 2 * 5 * 8 * 4 / 5
+
+
+def test_flops_per_sample_of_the_tiny_model_matches_flop_counter(tiny_text):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmcat.models import build_model
+    from mmcat.train.perf import training_flops_per_sample
+    from train_helpers import model_cfg
+
+    model = build_model(model_cfg(tiny_text), num_labels=3).eval()
+    inputs = (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.randint(1000, 2000, (2, 10)),
+              torch.ones(2, 10, dtype=torch.long))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*inputs)
+    counted = counter.get_total_flops()
+    assert counted > 0 and training_flops_per_sample(lambda: model(*inputs), batch_size=2) == 3 * counted / 2
+
+
+@pytest.mark.parametrize("name, precision, tf32, want", [
+    ("NVIDIA H100 80GB HBM3", "bf16", True, 989e12), ("NVIDIA H100 PCIe", "bf16", True, 756e12),
+    ("NVIDIA A100-SXM4-80GB", "no", True, 156e12), ("NVIDIA A100-SXM4-80GB", "no", False, None),
+    ("cpu", "bf16", False, None), ("Some Future GPU", "bf16", True, None)])
+def test_peak_flops_table(name, precision, tf32, want):
+    from mmcat.train.perf import peak_flops
+
+    assert peak_flops(name, precision, tf32) == want
+
+
+def test_mfu_is_flops_rate_over_peak_and_absent_without_a_peak():
+    from mmcat.train.perf import perf_scalars
+
+    got = perf_scalars(flops_per_sample=1e9, samples_per_s=400.0, world_size=2, peak=1e12)
+    assert got == pytest.approx({"perf/samples_per_s_per_device": 200.0, "perf/flops_per_sample": 1e9,
+                                 "perf/flops_per_s_per_device": 2e11, "perf/mfu": 0.2})
+    assert "perf/mfu" not in perf_scalars(1e9, 400.0, 1, peak=None)
+
+
+def test_a_training_run_logs_perf_scalars(baseline_run):
+    from train_helpers import tb_scalars
+
+    flops = tb_scalars(baseline_run, "perf/flops_per_sample")
+    per_device = tb_scalars(baseline_run, "perf/samples_per_s_per_device")
+    rate = tb_scalars(baseline_run, "train/samples_per_s")
+    assert flops and set(flops) == set(rate) == set(per_device)  # at every logged step
+    assert all(v > 1e6 for v in flops.values())  # ResNet-18 at 32 px alone is ~150 MFLOPs per forward
+    assert per_device == pytest.approx(rate, rel=1e-5)  # one process
+    assert tb_scalars(baseline_run, "perf/mfu") == {}  # CPU: no known peak, no MFU

@@ -211,6 +211,10 @@ class _Checkpointed(nn.Module):
         from contextlib import nullcontext
         from torch.utils.checkpoint import checkpoint
 
+        if torch.compiler.is_compiling():
+            # dynamo takes no context_fn; AOTAutograd functionalises the BatchNorm buffer update, which then
+            # happens once in the compiled forward, not again in the recomputation
+            return checkpoint(self.stage, *args, use_reentrant=False)
         return checkpoint(self.stage, *args, use_reentrant=False,
                           context_fn=lambda: (nullcontext(), _frozen_norm_statistics(self.stage)))
 
