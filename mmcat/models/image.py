@@ -239,21 +239,18 @@ class ImageEncoder(nn.Module):
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Checkpoint the backbone stage by stage in training (train.grad_checkpointing): activation memory of one
-        stage instead of all, for one extra forward of the backbone."""
+        stage instead of all, for one extra forward of the backbone. The split trunk is built here, once, outside
+        any torch.compile trace (built inside one, it would be a new class at every call: a recompile per step);
+        it is kept out of the module tree (in ``__dict__``) so the state dict, ``.to()`` and optimizers see only
+        the trunk, whose modules it shares."""
         self.grad_checkpointing = enabled
         self.__dict__.pop("_stages", None)
-
-    def _checkpointed_stages(self) -> nn.Module:
-        """The split trunk with each stage checkpointed, built on first use; kept out of the module tree (in
-        ``__dict__``) so the state dict, ``.to()`` and optimizers see only the trunk, whose modules it shares."""
-        stages = self.__dict__.get("_stages")
-        if stages is None:
+        if enabled:
             stages = split_stages(self.backbone)
             for name, child in list(stages.named_children()):
                 if name != "submod_0":  # the stem's activations are small; checkpoint the stages
                     setattr(stages, name, _Checkpointed(child))
             self.__dict__["_stages"] = stages
-        return stages
 
     def normalize(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """uint8 pixels are ImageNet-normalised here (on the device); float pixels are taken as already normalised
@@ -268,7 +265,7 @@ class ImageEncoder(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        x = (self._checkpointed_stages() if checkpointed else self.backbone)(x)["map"]  # [B, C, h, w]
+        x = (self.__dict__["_stages"] if checkpointed else self.backbone)(x)["map"]  # [B, C, h, w]
         tokens = x.flatten(2).transpose(1, 2)  # [B, h*w, C]
         return tokens.mean(1), tokens
 
