@@ -238,6 +238,16 @@ class TrainConfig:
     # checkpoint and exit 75 (requeue) after this many optimizer steps in one invocation: fixed-length jobs on a
     # time-limited queue, and the proof that resume is exact; 0 = off
     stop_after_steps: int = 0
+    # speed (mmcat.train.speed; no-ops on CPU): TF32 matmuls/convolutions on Ampere+ GPUs (~10-bit mantissa products,
+    # fp32 accumulation), and cuDNN's autotuner picking the fastest convolution for the (fixed) image size
+    tf32: bool = True
+    cudnn_benchmark: bool = True
+    # recompute backbone activations in backward instead of storing them (image stages, text layers): less memory
+    # for larger batches, about one extra backbone forward per step
+    grad_checkpointing: bool = False
+    # torch.compile the model (mmcat.train.speed.compile_model; train text padded to multiples of 16 tokens so the
+    # shapes repeat); the first steps are slow while it compiles
+    compile: bool = False
 
 
 @dataclass

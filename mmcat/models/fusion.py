@@ -302,6 +302,18 @@ class MultimodalClassifier(nn.Module):
         return self.head(torch.cat([masked_mean(x, attention_mask), *feats], dim=1))
 
     # ------------------------------------------------------------------------------------------- optimisation
+    def enable_grad_checkpointing(self) -> None:
+        """train.grad_checkpointing: recompute the backbones' activations in backward instead of keeping them
+        (the image trunk stage by stage, the text encoder layer by layer through Hugging Face's own switch)."""
+        if self.image_encoder is not None:
+            self.image_encoder.set_grad_checkpointing(True)
+        if self.text_encoder is not None:
+            backbone, kwargs = self.text_encoder.backbone, {"use_reentrant": False}
+            if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+                backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
     def param_groups(self, lr_image: float, lr_text: float, lr_head: float, weight_decay: float) -> List[Dict]:
         """Optimizer groups named image / text / head; biases, norms and embeddings vectors get no weight decay.
         Frozen parameters are included so that unfreezing later needs no new optimizer."""

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Dict, List, Optional, Set, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 import torchvision
@@ -154,6 +155,70 @@ def _feature_dim(trunk: nn.Module) -> int:
     return channels
 
 
+def _stage_of(module_path: str) -> str:
+    """The stage a trunk module belongs to: ``layerN`` (ResNet family), ``features.N`` / ``trunk_output.blockN``
+    (the others), or ``stem`` (what comes before)."""
+    parts = module_path.split(".")
+    if parts[0].startswith("layer"):
+        return parts[0]
+    if parts[0] in ("features", "trunk_output") and len(parts) > 1:
+        return f"{parts[0]}.{parts[1]}"
+    return "stem"
+
+
+def split_stages(trunk: nn.Module) -> nn.Module:
+    """The trunk's fx graph cut into one sub-module per stage (``submod_0`` = stem, then each stage), for
+    checkpointing stage by stage. The pieces call the trunk's own conv/norm modules (the same objects, so the same
+    parameters and BatchNorm buffers); functions (the residual adds) go with the stage that precedes them."""
+    from torch.fx.passes.split_module import split_module
+
+    order: Dict[str, int] = {}
+    current = ["stem"]
+
+    def partition(node) -> int:  # nodes come in graph (topological) order: stages stay contiguous
+        if node.op == "call_module":
+            current[0] = _stage_of(str(node.target))
+        return order.setdefault(current[0], len(order))
+
+    return split_module(trunk, trunk, partition)
+
+
+@contextmanager
+def _frozen_norm_statistics(module: nn.Module) -> Iterator[None]:
+    """BatchNorm running statistics untouched inside: a checkpointed stage runs its forward twice (once more in
+    backward), and the recomputation must not move the running mean/variance a second time."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+
+
+class _Checkpointed(nn.Module):
+    """Runs ``stage`` under non-reentrant activation checkpointing: only its input is kept for backward, its
+    activations are recomputed (BatchNorm statistics frozen during the recomputation)."""
+
+    def __init__(self, stage: nn.Module) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, *args):
+        from contextlib import nullcontext
+        from torch.utils.checkpoint import checkpoint
+
+        if torch.compiler.is_compiling():
+            # dynamo takes no context_fn; AOTAutograd functionalises the BatchNorm buffer update, which then
+            # happens once in the compiled forward, not again in the recomputation
+            return checkpoint(self.stage, *args, use_reentrant=False)
+        return checkpoint(self.stage, *args, use_reentrant=False,
+                          context_fn=lambda: (nullcontext(), _frozen_norm_statistics(self.stage)))
+
+
 class ImageEncoder(nn.Module):
     """Returns (pooled [B, C], spatial tokens [B, h*w, C]) for ``pixel_values``: uint8 0..255 (normalised here,
     on the device) or float, already ImageNet-normalised (see ``mmcat.data.transforms.to_pixel_values``).
@@ -170,6 +235,22 @@ class ImageEncoder(nn.Module):
         # not in the state dict: constants, and artifacts stay loadable across versions
         self.register_buffer("pixel_mean", 255.0 * torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", 255.0 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Checkpoint the backbone stage by stage in training (train.grad_checkpointing): activation memory of one
+        stage instead of all, for one extra forward of the backbone. The split trunk is built here, once, outside
+        any torch.compile trace (built inside one, it would be a new class at every call: a recompile per step);
+        it is kept out of the module tree (in ``__dict__``) so the state dict, ``.to()`` and optimizers see only
+        the trunk, whose modules it shares."""
+        self.grad_checkpointing = enabled
+        self.__dict__.pop("_stages", None)
+        if enabled:
+            stages = split_stages(self.backbone)
+            for name, child in list(stages.named_children()):
+                if name != "submod_0":  # the stem's activations are small; checkpoint the stages
+                    setattr(stages, name, _Checkpointed(child))
+            self.__dict__["_stages"] = stages
 
     def normalize(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """uint8 pixels are ImageNet-normalised here (on the device); float pixels are taken as already normalised
@@ -183,7 +264,8 @@ class ImageEncoder(nn.Module):
         x = self.normalize(pixel_values)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.backbone(x)["map"]  # [B, C, h, w]
+        checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        x = (self.__dict__["_stages"] if checkpointed else self.backbone)(x)["map"]  # [B, C, h, w]
         tokens = x.flatten(2).transpose(1, 2)  # [B, h*w, C]
         return tokens.mean(1), tokens
 

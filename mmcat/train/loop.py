@@ -29,6 +29,8 @@ from mmcat.train.checkpoint import TrainerState, load_checkpoint, save_checkpoin
 from mmcat.train.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
 from mmcat.files import write_atomic
 from mmcat.train.setup import TrainingSetup, build_training
+from mmcat.train.perf import peak_flops, perf_scalars, training_flops_per_sample
+from mmcat.train.speed import backend_flags, compiled_graphs, pad_text_to_bucket
 from mmcat.train.tensorboard import confusion_image, per_class_f1
 
 log = logging.getLogger("mmcat.train")
@@ -61,6 +63,10 @@ class _Meter:
         rate, wait = (samples - self.samples) / elapsed, min(1.0, self.wait / elapsed)
         self.start, self.samples, self.wait = now, samples, 0.0
         return rate, wait
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
 
 
 def seed_step_rng(seed: int, rank: int, epoch: int, batch_in_epoch: int) -> None:
@@ -105,6 +111,9 @@ class Trainer:
         self._steps_this_run = 0
         self._saved_step = -1
         self._unlogged: Optional[Tuple[float, Any]] = None  # (loss, grad norm) of a step that log_every skipped
+        self._flops_per_sample: Optional[float] = None  # counted on the first batch (mmcat.train.perf)
+        self._peak = peak_flops(_device_name(self.accelerator.device), str(self.cfg.train.precision),
+                                backend_flags(self.accelerator.device.type, self.cfg)["tf32"])
 
     # ---------------------------------------------------------------------------------------------- running
     def run(self) -> int:
@@ -161,7 +170,13 @@ class Trainer:
         """One micro-batch: forward, loss, backward; on the window's last micro-batch the optimizer step and the
         decisions taken at its boundary (log, evaluate/export, checkpoint, stop)."""
         acc, st, t = self.accelerator, self.state, self.cfg.train
+        if self.cfg.train.compile:  # repeated text shapes: no recompile per distinct longest text
+            batch = pad_text_to_bucket(batch, self.tokenizer.pad_token_id or 0, int(self.cfg.data.max_text_length))
         batch = send_to_device(batch, acc.device, non_blocking=True)
+        if self._flops_per_sample is None:
+            self._flops_per_sample = self._count_flops(batch)
+            log.info("perf: %.4g model FLOPs per sample (forward + backward); device peak %s", self._flops_per_sample,
+                     f"{self._peak:.4g} FLOP/s" if self._peak else "unknown (no MFU; samples/s and FLOP/s logged)")
         seed_step_rng(self.cfg.seed, acc.process_index, st.epoch, st.batch_in_epoch)
         grad_norm = None
         self.core.training_progress = st.global_step / max(self.total_steps, 1)  # modality-dropout schedule
@@ -199,6 +214,19 @@ class Trainer:
             now = torch.stack([parts[k].detach().double() for k in self.aux_names])
             self._aux_sum = self._aux_sum.to(now.device) + now
         return loss
+
+    def _count_flops(self, batch: Dict[str, Any]) -> float:
+        """Forward + backward FLOPs per sample of this batch's shapes, counted on one forward in eval mode (no
+        BatchNorm statistics or random numbers touched; eager even under train.compile)."""
+        import torch._dynamo
+
+        self.model.eval()
+        try:
+            with torch._dynamo.config.patch(disable=True):
+                return training_flops_per_sample(lambda: forward_batch(self.model, batch, "fused"),
+                                                 int(batch["labels"].shape[0]))
+        finally:
+            self.model.train()
 
     def _count_micro_batch(self, batch: Dict[str, Any], loss: torch.Tensor) -> None:
         """Advance the position in the epoch and add the micro-batch to the window's sums."""
@@ -363,6 +391,9 @@ class Trainer:
         if grad_norm is not None:
             logs["train/grad_norm"] = float(grad_norm)
         logs.update({f"train/aux_loss/{k}": v for k, v in self._aux_mean.items()})
+        logs.update(perf_scalars(self._flops_per_sample or 0.0, rate, self.accelerator.num_processes, self._peak))
+        if self.cfg.train.compile:  # recompiles show up as a growing count
+            logs["perf/compiled_graphs"] = compiled_graphs()
         logs.update({f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)})
         self.accelerator.log(logs, step=st.global_step)
         self.bar.set_postfix(loss=f"{loss:.3f}", sps=f"{rate:.1f}", wait=f"{wait_fraction:.2f}")

@@ -9,14 +9,18 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from mmcat.train.speed import adamw_kwargs
+
 BACKBONE_GROUPS = ("image", "text")
 
 
-def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
-    """One optimizer for the one module (DeepSpeed needs that); per-part learning rates via param groups."""
+def build_optimizer(model: nn.Module, cfg: Any, device_type: str = "cpu",
+                    use_deepspeed: bool = False) -> torch.optim.Optimizer:
+    """One optimizer for the one module (DeepSpeed needs that); per-part learning rates via param groups; fused
+    AdamW when the parameters will live on CUDA (``mmcat.train.speed.adamw_kwargs``)."""
     t = cfg.train
     groups = model.param_groups(lr_image=t.lr_image, lr_text=t.lr_text, lr_head=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(groups, lr=t.lr)
+    return torch.optim.AdamW(groups, lr=t.lr, **adamw_kwargs(device_type, use_deepspeed))
 
 
 def _lr_factor(step: int, warmup: int, total: int, frozen_until: int) -> float:

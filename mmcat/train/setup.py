@@ -27,6 +27,7 @@ from mmcat.models import build_model
 from mmcat.models.text import load_tokenizer
 from mmcat.train.accel import build_accelerator, describe, engine_name, whole_model_init
 from mmcat.train.checkpoint import check_fingerprint, decide_resume, read_fingerprint, run_fingerprint
+from mmcat.train.speed import apply_backend_flags, compile_model
 from mmcat.train.optim import build_loss, build_optimizer, build_scheduler, total_optimizer_steps
 
 log = logging.getLogger("mmcat.train")
@@ -126,6 +127,14 @@ def _build_model(cfg: Any, acc: Accelerator, num_labels: int, total_steps: int,
     """Model, optimizer and scheduler, wrapped by ``accelerator.prepare`` (DDP or a DeepSpeed engine)."""
     with whole_model_init(acc):
         model = build_model(_model_config(cfg, acc), num_labels=num_labels, modalities=modalities)
-    optimizer = build_optimizer(model, cfg)
+    if cfg.train.grad_checkpointing:
+        model.enable_grad_checkpointing()
+    if cfg.train.compile:
+        compile_model(model)
+    use_ds = acc.state.deepspeed_plugin is not None
+    flags = apply_backend_flags(acc.device, cfg)
+    optimizer = build_optimizer(model, cfg, acc.device.type, use_ds)
+    log.info("speed: tf32=%s cudnn_benchmark=%s fused_adamw=%s", flags["tf32"], flags["cudnn_benchmark"],
+             bool(optimizer.defaults.get("fused")))
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     return acc.prepare(model, optimizer, scheduler)
