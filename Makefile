@@ -34,7 +34,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_pack.py
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

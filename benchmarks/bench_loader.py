@@ -98,6 +98,36 @@ def prepare(work: Path, num_images: int, full_size: bool) -> Path:
     return packed
 
 
+def figures(work: Path, quick: bool = False, repeats: int = 3) -> dict:
+    """The suite's row: mmcat's loader (CPU default, float32 from the workers) vs the raw-folder Dataset, epochs
+    interleaved (baseline, mmcat, baseline, mmcat ...), the median of the per-pair ratios."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from suite import not_measured, paired, row
+
+    num = 96 if quick else 400
+    work = work / f"n{num}"
+    packed = prepare(work, num, False)
+    cfg = load_config(TrainRunConfig, None, [f"data.root={packed}", "output_dir=/unused", f"train.batch_size={BATCH}",
+                                             f"data.num_workers={WORKERS}", f"data.image_size={SIZE}",
+                                             f"data.max_text_length={MAX_LEN}", "data.uint8_pixels=false"])
+    tokenizer = load_tokenizer(cfg.model.text)
+    with open(work / "raw" / "products.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    raw = RawFolder(rows, work / "raw", json.loads((packed / "labels.json").read_text()), tokenizer)
+    baseline = DataLoader(raw, batch_size=BATCH, shuffle=True, num_workers=WORKERS, collate_fn=raw.collate,
+                          drop_last=True)
+    pairs = []
+    for epoch in range(repeats):
+        base = timed_epoch(baseline)
+        pairs.append((timed_epoch(build_train_loader(cfg, tokenizer, 0, 1, epoch).loader), base))
+    a, b, ratio = paired(pairs)
+    return {"rows": [
+        row(f"loader, CPU default, {num} photos, {WORKERS} workers vs raw-folder Dataset", "samples/s", a, b, ratio,
+            ">= 3x", at_least=3.0),
+        not_measured("loader worker RSS, dataset grown 10x", "flat",
+                     "no benchmark measures worker RSS yet")]}
+
+
 def main(argv: List[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--num-images", type=int, default=1000)

@@ -191,6 +191,26 @@ def main() -> None:
     report(results, sizes)
 
 
+def figures(work: Path, quick: bool = False, repeats: int = 1) -> dict:
+    """The suite's rows: planning cost (time, peak RSS) of a whole CSV table at 10 N vs N rows, each a fresh
+    process. BENCHMARKS.md's target: growth <= ~10x for 10x rows."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from suite import row
+
+    small = 20_000 if quick else 200_000
+    got = {}
+    for rows in (small, 10 * small):
+        table = Path(_run(["--generate", "csv", "--rows", str(rows), "--data", str(work)])[0])
+        got[rows] = run_child(table, 1, 0)
+    a, b = got[10 * small], got[small]
+    # VmHWM, not ru_maxrss: this process is large (torch) and a child's ru_maxrss starts from its parent's
+    return {"rows": [
+        row(f"plan a CSV, {10 * small:,} vs {small:,} rows: time", "s", a["wall_s"], b["wall_s"],
+            a["wall_s"] / b["wall_s"], "<= ~10x", at_most=10.0),
+        row(f"plan a CSV, {10 * small:,} vs {small:,} rows: peak RSS", "MB", a["vm_hwm_mb"], b["vm_hwm_mb"],
+            a["vm_hwm_mb"] / b["vm_hwm_mb"], "<= ~10x", at_most=10.0)]}
+
+
 def report(results: list, sizes: list) -> None:
     print(f"\n{'format':8} {'rows':>11} {'run':>11} {'file GB':>8} {'wall s':>8} {'peak RSS MB':>12} "
           f"{'text rows held':>15} {'text MB':>8} {'arrow MB':>9}")

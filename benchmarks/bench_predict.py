@@ -114,6 +114,30 @@ def peak_rss(model: Path, table: Path, out: Path, workers: int, batch_size: int,
     return int(kib) / 1024, float(seconds)
 
 
+def figures(work: Path, quick: bool = False, repeats: int = 3) -> dict:
+    """The suite's row: `mmcat predict`'s batched path (batch 64, 2 workers) vs the per-row API loop, small model
+    (ResNet-18 @64 + 2-layer BERT, the report-only row of BENCHMARKS.md), runs interleaved, median ratio."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from suite import paired, row
+
+    from mmcat import Classifier
+
+    num = 48 if quick else 300
+    table = synth(work / f"raw{num}", num, 64, 128)
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    labels = sorted({r["category"] for r in rows})
+    clf = Classifier.load(untrained_model(work / "models", "resnet18", 64, "tiny", labels), device="cpu")
+    naive_loop(clf, rows[:4], table.parent)  # warm-up (lazy imports, first-call allocations)
+    pairs = []
+    for r in range(repeats):
+        naive = naive_loop(clf, rows, table.parent)
+        pairs.append((mmcat_predict(clf, table, work / f"out{r}.csv", 2, 64), naive))
+    a, b, ratio = paired(pairs)
+    return {"rows": [row(f"predict batch 64, 2 workers vs per-row Classifier.predict, {num} products, ResNet-18 "
+                         "@64 + tiny BERT", "products/s", a, b, ratio, "report only")]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--num", type=int, default=600, help="products predicted by mmcat predict")
