@@ -18,3 +18,15 @@ def test_stable_seed_is_frozen_and_fits_63_bits():
     assert stable_seed(0, 1, "shards") == 33103015021386562
     assert stable_seed(3, "step", 0, 2, 5) == 4679817507604190199
     assert all(0 <= stable_seed(s, "sample", i) < 2**63 for s in range(20) for i in range(20))
+
+
+def test_stable_hashes_equal_stable_hash_value_by_value():
+    """The vectorised form the catalog planner uses must give exactly the frozen per-value hashes (split
+    assignment and sample order of existing datasets depend on them)."""
+    from mmcat.hashing import stable_hash, stable_hashes
+
+    ids = ["p1", "", "a.b", "ü-x", "0123", "x" * 200, "nul\0inside"]
+    for prefix in ((0, "split"), (7, "order"), ()):
+        got = stable_hashes(ids, *prefix)
+        assert got.dtype.name == "uint64"
+        assert [int(h) for h in got] == [stable_hash(*prefix, i) for i in ids]

@@ -8,12 +8,11 @@ input table is sorted by category, and adding rows later does not reshuffle the 
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
 from mmcat.errors import ConfigError
-from mmcat.hashing import stable_hash
+from mmcat.hashing import stable_hash, stable_hashes
 
 
 def parse_splits(spec: str) -> Dict[str, float]:
@@ -74,17 +73,8 @@ def assign_splits(items: Sequence[Tuple[str, str]], splits: Mapping[str, float],
 
 
 def hash_ids(ids: Sequence[str], seed: int, purpose: str):
-    """``stable_hash(seed, purpose, id)`` of every id, as a numpy uint64 array (one digest buffer, no int per id)."""
-    import numpy as np
-
-    start = hashlib.blake2b(f"{seed}\0{purpose}\0".encode(), digest_size=8).copy  # the prefix hashed once
-
-    def digest(id_: str) -> bytes:
-        h = start()
-        h.update(id_.encode())
-        return h.digest()
-
-    return np.frombuffer(b"".join(map(digest, ids)), ">u8").astype(np.uint64)
+    """``stable_hash(seed, purpose, id)`` of every id, as a numpy uint64 array."""
+    return stable_hashes(ids, seed, purpose)
 
 
 def _ties_by_id(rows, hashes, id_of: Callable[[int], str], groups=None):
