@@ -1,6 +1,6 @@
 """Train and eval loaders over WebDataset shards (webdataset public API + a few small, picklable stages).
 
-Train stream of one rank, built per epoch and fully determined by (seed, epoch, rank, world size, num_workers):
+Train stream of one rank in one epoch, fully determined by (seed, epoch, rank, world size, num_workers):
 
 1. the shard list is shuffled with ``seed + epoch`` -- the same order on every rank -- and only *then* split by
    rank (``order[rank::world]``) and by loader worker (``[worker::num_workers]``), so each epoch every rank reads a
@@ -23,6 +23,13 @@ decoding them, so batch 0 of the resumed loader is batch k of the full epoch. Sk
 label-checked, not decoded: an image that fails to decode inside the skipped range shifts the rest of that
 worker's epoch by one sample.
 
+One loader for the whole run (``PersistentTrainLoader``, what the trainer uses): the workers start once and live
+across epochs (``persistent_workers``); the epoch number and the resume skip reach them through a shared-memory
+tensor that the parent sets before ``iter(loader)`` and each worker reads when its pass restarts, so every pass is
+exactly the stream above for that (epoch, skip). Eval loaders can keep their workers the same way
+(``build_eval_loader(persistent=True)``). ``iterate_batches`` stops the workers of an abandoned pass; the owner
+stops them at the end of the run (``close_loader``): they ignore SIGTERM.
+
 Resampled mode (``data.resampled=true``) draws shards with replacement (per-root ``data.weights``) with a seeded
 RNG per (rank, worker); epochs are "virtual" (``data.samples_per_epoch`` or the size tables).
 
@@ -38,7 +45,7 @@ import random
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import count
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -366,28 +373,64 @@ def _ignore_preemption_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+class _Pass:
+    """An iterator over one pass of a loader that remembers whether the pass ran to its end."""
+
+    def __init__(self, iterator: Iterator[Dict[str, Any]]) -> None:
+        self.iterator, self.finished = iterator, False
+
+    def __iter__(self) -> "_Pass":
+        return self
+
+    def __next__(self) -> Dict[str, Any]:
+        try:
+            return next(self.iterator)
+        except StopIteration:
+            self.finished = True
+            raise
+
+
 @contextmanager
-def iterate_batches(loader: DataLoader) -> Iterator[Iterator[Dict[str, Any]]]:
+def iterate_batches(loader: Iterable[Dict[str, Any]]) -> Iterator[Iterator[Dict[str, Any]]]:
     """Iterate ``loader`` and always stop its workers when the iteration is abandoned (error, preemption, early
     stop). The workers ignore SIGTERM (above), so the interpreter's exit-time terminate() cannot stop them and
-    would wait for them forever; an exception's traceback can also keep the iterator alive past the loop."""
+    would wait for them forever; an exception's traceback can also keep the iterator alive past the loop.
+    Persistent workers (``PersistentTrainLoader``, ``build_eval_loader(persistent=True)``) stay up after a pass
+    that ran to its end, for the next epoch or evaluation; ``close_loader`` stops them."""
     iterator = iter(loader)
+    tracked = _Pass(iterator)
     try:
-        yield iterator
+        yield tracked
     finally:
-        shutdown = getattr(iterator, "_shutdown_workers", None)  # multi-process iterators only
-        if shutdown is not None:
-            shutdown()
+        if not (tracked.finished and getattr(iterator, "_persistent_workers", False)):
+            _shutdown(loader, iterator)
 
 
-def _data_loader(dataset: wds.DataPipeline, num_workers: int, prefetch_factor: int) -> DataLoader:
+def _shutdown(loader: Any, iterator: Any) -> None:
+    shutdown = getattr(iterator, "_shutdown_workers", None)  # multi-process iterators only
+    if shutdown is not None:
+        shutdown()
+    if getattr(loader, "_iterator", None) is iterator:
+        loader._iterator = None  # a persistent loader's next pass starts new workers instead of reusing dead ones
+
+
+def close_loader(loader: Optional[Iterable[Any]]) -> None:
+    """Stop the workers a persistent loader keeps between passes (at the end of the run); safe to call twice."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        _shutdown(loader, iterator)
+
+
+def _data_loader(dataset: torch.utils.data.IterableDataset, num_workers: int, prefetch_factor: int,
+                 persistent: bool = False) -> DataLoader:
     if num_workers > 0:
         import cv2
 
         # A forked worker inherits OpenCV's thread pool with its lock possibly held and can deadlock in its first
         # cv2 call; one thread in the parent means no pool to inherit (the workers are the parallelism anyway).
         cv2.setNumThreads(1)
-    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers, persistent_workers=False,
+    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+                      persistent_workers=persistent and num_workers > 0,
                       pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_preemption_signals,
                       prefetch_factor=prefetch_factor if num_workers > 0 else None)
 
@@ -395,12 +438,83 @@ def _data_loader(dataset: wds.DataPipeline, num_workers: int, prefetch_factor: i
 # ------------------------------------------------------------------------------------------------------ public API
 def build_train_loader(cfg: Any, tokenizer: Any, rank: int, world_size: int, epoch: int,
                        skip_batches: int = 0) -> LoaderInfo:
-    """The loader of ``epoch`` for ``rank``; ``skip_batches=k`` starts at batch k without decoding batches 0..k-1."""
+    """The loader of ``epoch`` for ``rank``; ``skip_batches=k`` starts at batch k without decoding batches 0..k-1.
+    A new loader (and new workers) per call; the trainer uses ``PersistentTrainLoader``, which yields the same
+    batches through workers that live for the whole run."""
+    spec, shards, n = _train_spec(cfg, rank, world_size, epoch, skip_batches)
+    per_epoch = spec.batches_per_worker * spec.num_workers
+    dataset = _pipeline(spec, cfg.data, tokenizer, training_modalities(cfg)[1]).with_length(per_epoch - skip_batches,
+                                                                                              silent=True)
+    loader = _data_loader(dataset, int(cfg.data.num_workers), int(cfg.data.prefetch_factor))
+    return _loader_info(loader, spec, shards, n)
+
+
+class _EpochStream(torch.utils.data.IterableDataset):
+    """The train stream of one rank for a whole run. The epoch and the resume skip live in a small shared-memory
+    tensor that the parent sets before each pass; a worker forked once reads it when the DataLoader restarts its
+    iteration (``iter(loader)``, after the parent's write) and updates the ``_StreamSpec`` its pipeline stages
+    share, so each pass is exactly ``build_train_loader(epoch, skip_batches)``'s stream: same shards, same seeds
+    (seed, epoch, rank, virtual worker)."""
+
+    def __init__(self, spec: _StreamSpec, shards: List[str], pipeline: wds.DataPipeline) -> None:
+        super().__init__()
+        self.spec, self.shards, self.pipeline = spec, shards, pipeline
+        self.per_epoch = spec.batches_per_worker * spec.num_workers
+        self.now = torch.tensor([spec.epoch, spec.skip_batches], dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int, skip_batches: int) -> None:
+        self.now[0], self.now[1] = epoch, skip_batches
+
+    def __len__(self) -> int:  # the first epoch after a resume is shorter
+        return self.per_epoch - int(self.now[1])
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        epoch, skip = self.now.tolist()
+        p = self.spec
+        p.epoch, p.skip_batches = epoch, skip
+        if p.mode == "train":  # resampled mode draws from all shards in every epoch
+            p.shards = rank_shards(self.shards, p.seed, epoch, p.rank, p.world_size)
+        return iter(self.pipeline)
+
+
+class PersistentTrainLoader:
+    """``build_train_loader`` for a whole run (same call, same ``LoaderInfo``), but every call returns the same
+    DataLoader: its workers (``persistent_workers`` when ``data.num_workers`` > 0) start once and are told each
+    epoch's number and resume skip (``_EpochStream``), instead of a new loader, worker start-up and tokenizer
+    pickling per epoch. Iterate it with ``iterate_batches`` (an abandoned pass stops the workers; the next call
+    starts new ones) and ``close()`` it at the end of the run."""
+
+    def __init__(self) -> None:
+        self.loader: Optional[DataLoader] = None
+        self._stream: Optional[_EpochStream] = None
+        self._made_for: Optional[tuple] = None
+
+    def __call__(self, cfg: Any, tokenizer: Any, rank: int, world_size: int, epoch: int,
+                 skip_batches: int = 0) -> LoaderInfo:
+        spec, shards, n = _train_spec(cfg, rank, world_size, epoch, skip_batches)
+        made_for = (id(cfg), id(tokenizer), rank, world_size)
+        if self.loader is None or self._stream is None or made_for != self._made_for:
+            self.close()
+            self._stream = _EpochStream(spec, shards, _pipeline(spec, cfg.data, tokenizer,
+                                                                training_modalities(cfg)[1]))
+            self.loader = _data_loader(self._stream, int(cfg.data.num_workers), int(cfg.data.prefetch_factor),
+                                       persistent=True)
+            self._made_for = made_for
+        self._stream.set_epoch(int(epoch), int(skip_batches))
+        len(self.loader)  # refreshes the length the DataLoader checks a pass against (it changes after a resume)
+        return _loader_info(self.loader, spec, shards, n)
+
+    def close(self) -> None:
+        close_loader(self.loader)
+
+
+def _train_spec(cfg: Any, rank: int, world_size: int, epoch: int,
+                skip_batches: int) -> Tuple[_StreamSpec, List[str], int]:
+    """(the stream of ``rank`` in ``epoch``, all train shards, samples per epoch); bad settings raise here."""
     data, batch_size = cfg.data, int(cfg.train.batch_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
-    num_workers = int(data.num_workers)
-    workers = max(1, num_workers)
+    workers = max(1, int(data.num_workers))
     sources = shard_sources(data, data.train_split)
     shards = all_shards(sources)
     if data.samples_per_epoch and not data.resampled:
@@ -429,11 +543,14 @@ def build_train_loader(cfg: Any, tokenizer: Any, rank: int, world_size: int, epo
         raise ValueError(f"skip_batches={skip_batches} outside the epoch's {per_epoch} batches")
     spec = _StreamSpec(mine, weights, mode, int(cfg.seed), int(epoch), rank, world_size, workers, batch_size,
                        per_worker, int(skip_batches), sizes)
-    dataset = _pipeline(spec, data, tokenizer, training_modalities(cfg)[1]).with_length(per_epoch - skip_batches, silent=True)
-    loader = _data_loader(dataset, num_workers, int(data.prefetch_factor))
-    return LoaderInfo(loader, per_epoch, n, len(shards), int(skip_batches),
-                      None if data.resampled else list(mine),
-                      0 if data.resampled else per_epoch * world_size * batch_size - n)
+    return spec, shards, n
+
+
+def _loader_info(loader: DataLoader, spec: _StreamSpec, shards: List[str], n: int) -> LoaderInfo:
+    per_epoch = spec.batches_per_worker * spec.num_workers
+    resampled = spec.mode == "resampled"
+    return LoaderInfo(loader, per_epoch, n, len(shards), spec.skip_batches, None if resampled else list(spec.shards),
+                      0 if resampled else per_epoch * spec.world_size * spec.batch_size - n)
 
 
 def _shard_weights(sources: Sequence[ShardSource]) -> List[float]:
@@ -445,12 +562,16 @@ def _shard_weights(sources: Sequence[ShardSource]) -> List[float]:
 
 
 def build_eval_loader(data_cfg: Any, split: str, tokenizer: Any, batch_size: int, num_workers: int,
-                      rank: int = 0, world_size: int = 1, modalities: Sequence[Any] = ()) -> DataLoader:
+                      rank: int = 0, world_size: int = 1, modalities: Sequence[Any] = (),
+                      persistent: bool = False) -> DataLoader:
     """The samples of ``split`` in a fixed order, no shuffle, eval transforms, partial last batches. With
     ``world_size`` > 1, rank r reads shards r, r+world, …: counts may differ between ranks, so the evaluator steps
     ranks in lockstep and gathers predictions as objects (exact counts, see mmcat.evaluation). ``modalities``: the
-    model's non-built-in modalities (``mmcat.modalities``), read from every sample."""
+    model's non-built-in modalities (``mmcat.modalities``), read from every sample. ``persistent``: the workers
+    stay up between passes (the trainer's evaluations; iterate with ``iterate_batches``, stop with
+    ``close_loader``)."""
     shards = all_shards(shard_sources(data_cfg, split, count_missing=False))[rank::world_size]
     workers = max(0, min(int(num_workers), len(shards)))
     spec = _StreamSpec(shards, None, "eval", 0, 0, 0, 1, max(1, workers), int(batch_size), 0)
-    return _data_loader(_pipeline(spec, data_cfg, tokenizer, modalities), workers, int(data_cfg.prefetch_factor))
+    return _data_loader(_pipeline(spec, data_cfg, tokenizer, modalities), workers, int(data_cfg.prefetch_factor),
+                        persistent)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from mmcat.calibration import EvalScores, temperatures_of, write_calibration
 from mmcat.config import to_container
-from mmcat.data import iterate_batches
+from mmcat.data import close_loader, iterate_batches
 from mmcat.hashing import stable_seed
 from mmcat.evaluation import dummy_batch, evaluate
 from mmcat.metrics import format_table, summary
@@ -112,6 +112,7 @@ class Trainer:
         self._saved_step = -1
         self._unlogged: Optional[Tuple[float, Any]] = None  # (loss, grad norm) of a step that log_every skipped
         self._flops_per_sample: Optional[float] = None  # counted on the first batch (mmcat.train.perf)
+        self._eval_loaders: Dict[str, Any] = {}  # split -> its loader, reused by every evaluation
         self._peak = peak_flops(_device_name(self.accelerator.device), str(self.cfg.train.precision),
                                 backend_flags(self.accelerator.device.type, self.cfg)["tf32"])
 
@@ -127,10 +128,14 @@ class Trainer:
                         desc="train", dynamic_ncols=True)
         try:
             outcome = self._train()
+            self._close_train_loader()  # its workers would idle through the final evaluations
             if outcome == DONE:
                 outcome = self._finish()
             return 0 if outcome == DONE else self._exit_for_stop()
         finally:
+            self._close_train_loader()
+            for loader in self._eval_loaders.values():
+                close_loader(loader)  # persistent workers ignore SIGTERM: stopped here, or the exit would wait
             self.preempt.uninstall()
             self.bar.close()
             acc.end_training()
@@ -149,6 +154,11 @@ class Trainer:
         st.eval_pending = st.last_eval_step != st.global_step
         st.save_pending = True
         return self._at_boundary(done=True)
+
+    def _close_train_loader(self) -> None:
+        close = getattr(self.setup.build_loader, "close", None)  # PersistentTrainLoader; absent for plain builders
+        if close is not None:
+            close()
 
     def _run_epoch(self) -> Optional[str]:
         cfg, acc, st = self.cfg, self.accelerator, self.state  # st.epoch advances in the last _train_step
@@ -291,12 +301,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ evaluation
     def _eval_batches(self, split: str):
+        """The split's loader, built on its first evaluation; its workers persist across evaluations."""
         from mmcat.data import build_eval_loader
 
-        acc = self.accelerator
-        return build_eval_loader(self.cfg.data, split, self.tokenizer, self.cfg.train.batch_size,
-                                 self.cfg.data.num_workers, rank=acc.process_index, world_size=acc.num_processes,
-                                 modalities=self.setup.modalities)
+        if split not in self._eval_loaders:
+            acc = self.accelerator
+            self._eval_loaders[split] = build_eval_loader(
+                self.cfg.data, split, self.tokenizer, self.cfg.train.batch_size, self.cfg.data.num_workers,
+                rank=acc.process_index, world_size=acc.num_processes, modalities=self.setup.modalities,
+                persistent=True)
+        return self._eval_loaders[split]
 
     def evaluate_split(self, split: str, model: Optional[torch.nn.Module] = None,
                        calibration: Optional[EvalScores] = None) -> Optional[Dict[str, Dict]]:

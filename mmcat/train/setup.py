@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
 from mmcat.config import to_yaml
-from mmcat.data import LoaderInfo, build_train_loader, label_counts, read_labels, train_shard_sizes
+from mmcat.data import LoaderInfo, PersistentTrainLoader, label_counts, read_labels, train_shard_sizes
 from mmcat.data.shards import check_data
 from mmcat.files import write_atomic
 from mmcat.modalities import training_modalities
@@ -32,7 +32,8 @@ from mmcat.train.optim import build_loss, build_optimizer, build_scheduler, tota
 
 log = logging.getLogger("mmcat.train")
 
-# build_train_loader's signature: (cfg, tokenizer, rank, world_size, epoch, skip_batches=0) -> LoaderInfo
+# build_train_loader's signature: (cfg, tokenizer, rank, world_size, epoch, skip_batches=0) -> LoaderInfo; an
+# optional close() (PersistentTrainLoader) stops its workers at the end of the run
 LoaderBuilder = Callable[..., LoaderInfo]
 
 
@@ -47,7 +48,7 @@ class TrainingSetup:
     labels: List[str]
     fingerprint: Dict[str, Any]  # what a resumed run must keep equal (stored in every checkpoint)
     tokenizer: Any
-    build_loader: LoaderBuilder  # the train loader of an epoch
+    build_loader: LoaderBuilder  # the train loader of an epoch (the same loader every epoch: PersistentTrainLoader)
     batches_per_epoch: int  # per rank
     total_steps: int  # optimizer steps of the whole run
     model: torch.nn.Module
@@ -75,10 +76,11 @@ def _model_config(cfg: Any, acc: Any) -> Any:
     return OmegaConf.merge(cfg.model, {"image": {"channels_last": False}})
 
 
-def build_training(cfg: Any, build_loader: LoaderBuilder = build_train_loader) -> TrainingSetup:
+def build_training(cfg: Any, build_loader: Optional[LoaderBuilder] = None) -> TrainingSetup:
     """Check the data, start the accelerator, decide on resume, write RUN_DIR/config.yaml, measure the epoch (epoch
     0's loader), build the model, optimizer, scheduler and loss. ``build_loader`` makes an epoch's train loader
-    (``build_train_loader``; a benchmark passes one that replays batches held in memory)."""
+    (default: a ``PersistentTrainLoader``, whose workers live for the whole run; a benchmark passes one that
+    replays batches held in memory)."""
     check_data(cfg)  # bad data settings: one line before any work (splits, shards, labels)
     cfg, modalities = _with_modalities(cfg)
     acc = build_accelerator(cfg)
@@ -92,6 +94,7 @@ def build_training(cfg: Any, build_loader: LoaderBuilder = build_train_loader) -
     log.info("mmcat train: %s; modalities: %s", describe(acc), ", ".join(cfg.model.modalities))
 
     tokenizer = load_tokenizer(cfg.model.text)
+    build_loader = build_loader or PersistentTrainLoader()
     probe = build_loader(cfg, tokenizer, acc.process_index, acc.num_processes, epoch=0)
     total_steps = total_optimizer_steps(cfg, probe.batches_per_epoch)
     log.info("train: %d shards, %d samples/epoch, %d batches/epoch/rank, %d optimizer steps",
