@@ -178,7 +178,8 @@ class DataConfig:
     uint8_pixels: Optional[bool] = None
     # cpu: the loader workers decode (OpenCV) and augment. device: the workers only batch the JPEG bytes; the trainer
     # decodes them on its device (torchvision decode_jpeg: nvjpeg on a GPU) and augments there, for when the CPUs
-    # cannot decode as fast as the GPU trains. Pixels then differ from cpu's by a few levels (another resize).
+    # cannot decode as fast as the GPU trains. Same views, pixels within 1-3 levels of cpu's; photos at least twice
+    # image_size differ more (cpu decodes those at reduced scale inside libjpeg, which nvjpeg cannot).
     decode_on: DecodeOn = DecodeOn.cpu
 
 

@@ -65,10 +65,12 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelera
             if more == 0:
                 break
             real = batch is not None
-            if real:  # data.decode_on=device: the images are decoded here, on the device
+            if real:  # data.decode_on=device: the images are decoded here, on the device (bad ones dropped)
                 batch = send_to_device(decode_batch(batch, accelerator.device), accelerator.device, non_blocking=True)
-            else:
-                batch = dummy
+            if real and not batch["keys"]:  # every image of the batch was bad: keep its count, forward the dummy
+                skipped += int(batch["skipped"])
+                real = False
+            batch = batch if real else dummy
             with accelerator.autocast():
                 for mode in modes:
                     logits = forward_batch(model, batch, mode)

@@ -118,14 +118,15 @@ def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
 
 # --------------------------------------------------------------------------------------------------- bad images
 def test_corrupt_jpegs_are_counted_and_dropped_like_the_cpu_path(tmp_path, tokenizer):
-    bad = {"p00001": "corrupt_jpg", "p00006": "corrupt_jpg"}
+    """p00008 is alone in the eval stream's last batch of 4: on the device path that batch ends up empty."""
+    bad = {"p00001": "corrupt_jpg", "p00006": "corrupt_jpg", "p00008": "corrupt_jpg"}
     infos = write_split(tmp_path, "val", [5, 4], bad=bad)
     good = sorted(i["key"] for i in infos if not i["bad"])
     for on in ("cpu", "device"):
         cfg = data_cfg(tmp_path, 32, on)
         batches = [decode_batch(b, CPU) for b in build_eval_loader(cfg.data, "val", tokenizer, 4, 0)]
         assert sorted(k for b in batches for k in b["keys"]) == good, on
-        assert sum(b["skipped"] for b in batches) == 2, on
+        assert sum(b["skipped"] for b in batches) == 3, on
         for b in batches:  # every per-sample field lost the dropped rows together
             n = len(b["keys"])
             assert b["pixel_values"].shape[0] == b["labels"].shape[0] == b["input_ids"].shape[0] == n
@@ -133,6 +134,25 @@ def test_corrupt_jpegs_are_counted_and_dropped_like_the_cpu_path(tmp_path, token
         strict = data_cfg(tmp_path, 32, on, "data.strict=true")
         with pytest.raises(BadSampleError, match="p00001"):
             [decode_batch(b, CPU) for b in build_eval_loader(strict.data, "val", tokenizer, 4, 0)]
+
+
+def test_evaluation_counts_what_the_device_drops(tmp_path, tokenizer):
+    """The evaluator's totals on a split with corrupt photos (one eval batch entirely bad) are the CPU path's."""
+    from accelerate import Accelerator
+
+    from mmcat.evaluation import dummy_batch, evaluate
+    from mmcat.models import build_model
+
+    write_split(tmp_path, "val", [5, 4], bad={k: "corrupt_jpg" for k in ("p00001", "p00006", "p00008")})
+    model_cfg = load_config(TrainRunConfig, None, ["model.image.name=resnet18", "model.hidden_dim=16",
+                                                   f"model.text.name={tokenizer.name_or_path}",
+                                                   "model.text.pretrained=false"], require_complete=False).model
+    model, acc, labels = build_model(model_cfg, 3), Accelerator(cpu=True), ["shoes", "bags", "hats"]
+    for on in ("cpu", "device"):
+        cfg = data_cfg(tmp_path, 32, on)
+        res = evaluate(model, build_eval_loader(cfg.data, "val", tokenizer, 4, 0), acc, labels,
+                       dummy_batch(tokenizer, 32))
+        assert res["skipped_samples"] == 3 and res["fused"]["num_samples"] == 6, on
 
 
 # ------------------------------------------------------------------------------------------- training via the CLI

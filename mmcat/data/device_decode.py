@@ -59,8 +59,8 @@ def raw_image(data: Optional[bytes]) -> Optional[torch.Tensor]:
 
 def decode_batch(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     """A batch with ``image_bytes`` -> the same batch with uint8 ``pixel_values`` [B, 3, S, S] on ``device`` (the
-    model normalises uint8 pixels), bad images counted in ``skipped`` and their samples dropped. Any other batch
-    (``decode_on=cpu``) is returned as it is."""
+    model normalises uint8 pixels), bad images counted in ``skipped`` and their samples dropped (an eval batch may
+    end up with no samples). Any other batch (``decode_on=cpu``) is returned as it is."""
     if "image_bytes" not in batch:
         return batch
     batch = dict(batch)
@@ -90,7 +90,7 @@ def decode_batch(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     batch["pixel_values"] = pixels
     batch["skipped"] = int(batch.get("skipped", 0)) + len(bad)
     if bad:
-        batch = _drop_rows(batch, bad, len(raw))
+        batch = _drop_rows(batch, bad, len(raw), view.train)
     return batch
 
 
@@ -142,7 +142,7 @@ def reduce_like_cpu(img: torch.Tensor, size: int) -> torch.Tensor:
 
 def _decode_jpeg(data: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
@@ -250,17 +250,17 @@ def _flip_and_jitter(pixels: torch.Tensor, flips: List[bool], factors: List[tupl
 
 
 # ----------------------------------------------------------------------------------------------------- bad rows
-def _drop_rows(batch: Dict[str, Any], bad: Sequence[int], n: int) -> Dict[str, Any]:
+def _drop_rows(batch: Dict[str, Any], bad: Sequence[int], n: int, train: bool) -> Dict[str, Any]:
     """The batch without the samples ``bad``: every per-sample value (a tensor or list of length ``n``, also inside
     a modality's dict) loses those rows; per-batch values (``skipped``) stay."""
     keep = [i for i in range(n) if i not in set(bad)]
-    if not keep:
-        raise DataError(f"every image of a batch of {n} failed to decode on the device (the warnings above say "
-                        "which); with data.decode_on=cpu bad samples are replaced by the next ones of the stream")
+    if not keep and train:  # a step needs samples; the evaluator skips an empty batch (only its count remains)
+        raise DataError(f"every image of a training batch of {n} failed to decode on the device (the warnings above "
+                        "say which); with data.decode_on=cpu bad samples are replaced by the next ones of the stream")
 
     def take(value: Any) -> Any:
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
-            return value[torch.tensor(keep, device=value.device)]
+            return value[torch.tensor(keep, dtype=torch.long, device=value.device)]
         if isinstance(value, list) and len(value) == n:
             return [value[i] for i in keep]
         if isinstance(value, dict):
