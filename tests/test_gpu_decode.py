@@ -151,7 +151,7 @@ def test_evaluation_counts_what_the_device_drops(tmp_path, tokenizer):
     for on in ("cpu", "device"):
         cfg = data_cfg(tmp_path, 32, on)
         res = evaluate(model, build_eval_loader(cfg.data, "val", tokenizer, 4, 0), acc, labels,
-                       dummy_batch(tokenizer, 32))
+                       dummy_batch(tokenizer, 32), modes=("fused",))
         assert res["skipped_samples"] == 3 and res["fused"]["num_samples"] == 6, on
 
 
