@@ -1,13 +1,16 @@
 """GPU training throughput through mmcat's real loader, vs the same model on in-memory tensors (no I/O).
 
     python benchmarks/bench_gpu.py [--compile] [--batch 256] [--steps 300] [--products 20000] [--workers 8]
-                                   [--work DIR] [--json PATH]
+                                   [--decode-on cpu|device] [--work DIR] [--json PATH]
     python benchmarks/bench_gpu.py --smoke          # tiny sizes on the CPU: checks that the script runs
 
 Model: the ResNet-50 + BERT-base *architecture* (random weights: no hub needed; BertConfig() defaults are
 bert-base), gated fusion, 224 px, text 64 tokens, channels-last, bf16 autocast, AdamW (fused on CUDA),
 optionally ``torch.compile``. Data: ``mmcat synth`` products packed with ``mmcat pack`` (256 px), read by
 ``build_train_loader`` with uint8 pixels (normalised on the device), epochs cycled until --steps are done.
+``--decode-on device`` (``data.decode_on=device``): the workers only batch the JPEG bytes and each step first
+decodes + augments them on the device (``mmcat.data.device_decode.decode_batch``, nvjpeg on a GPU), inside the
+timed step as in the trainer; run once with each value (same --work, same machine) to compare the two.
 
 Reports (and writes as JSON): samples/s end to end (loader + forward/backward/step), the data-wait fraction (time
 blocked on the loader / step time), peak GPU memory, FLOPs per sample (torch.utils.flop_counter, forward +
@@ -99,7 +102,7 @@ def run(model: Any, optimizer: Any, source: Iterator[Dict[str, Any]], steps: int
         t = time.perf_counter()
         b = next(source)
         wait += time.perf_counter() - t
-        b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+        b = to_device(b, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(b["pixel_values"], b["input_ids"], b["attention_mask"], b["has_image"], b["has_text"])
         loss = torch.nn.functional.cross_entropy(logits.float(), b["labels"])
@@ -111,6 +114,15 @@ def run(model: Any, optimizer: Any, source: Iterator[Dict[str, Any]], steps: int
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
     return {"samples_per_s": samples / wall, "data_wait_fraction": min(1.0, wait / wall)}
+
+
+def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    """What the trainer does with a batch: decode its JPEG bytes on the device (data.decode_on=device), move it."""
+    if "image_bytes" in batch:
+        from mmcat.data.device_decode import decode_batch
+
+        batch = decode_batch(batch, device)
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def flops_per_sample(model: Any, batch: Dict[str, Any], amp: bool, device: torch.device) -> float:
@@ -136,6 +148,8 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--products", type=int, default=20000, help="synthetic products packed (epochs cycle)")
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader workers")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--decode-on", choices=("cpu", "device"), default="cpu",
+                    help="data.decode_on: JPEG decode + augmentation in the loader workers or on the device")
     ap.add_argument("--work", type=Path, default=None, help="keep generated data here (reused when present)")
     ap.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/gpu-<UTC time>.json")
     args = ap.parse_args(argv)
@@ -160,7 +174,8 @@ def main(argv: Optional[list] = None) -> int:
         "model.image.weights=none", f"model.text.name={text_model(work, args.smoke)}", "model.text.pretrained=false",
         "model.fusion=gated", f"data.image_size={size}", f"data.max_text_length={text_len}",
         f"data.num_workers={args.workers}", f"train.batch_size={args.batch}", "data.uint8_pixels=true",
-        "model.image.channels_last=true"])
+        "model.image.channels_last=true",
+        *([f"data.decode_on={args.decode_on}"] if args.decode_on != "cpu" else [])])  # cpu: the schema's default
     tokenizer = load_tokenizer(cfg.model.text)
     labels = json.loads((packed / "labels.json").read_text())
     amp = device.type == "cuda"  # bf16 autocast on the GPU; the CPU smoke run stays fp32 (bf16 is slow there)
@@ -171,7 +186,7 @@ def main(argv: Optional[list] = None) -> int:
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         source = batches(cfg, tokenizer)
-        first = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(source).items()}
+        first = to_device(next(source), device)
         if name == "ceiling":
             figures["flops_per_sample"] = flops_per_sample(model, first, amp, device)
             source = iter(lambda: first, None)  # the same batch, already on the device: no I/O at all
@@ -191,6 +206,7 @@ def main(argv: Optional[list] = None) -> int:
         "torch": torch.__version__, "model": f"{image_model} + {'tiny BERT' if args.smoke else 'BERT-base'}",
         "image_size": size, "text_length": text_len, "batch": args.batch, "workers": args.workers,
         "timed_steps": args.steps - args.warmup, "compile": args.compile, "bf16": amp,
+        "decode_on": args.decode_on,
         "samples_per_s": e2e["samples_per_s"], "data_wait_fraction": e2e["data_wait_fraction"],
         "peak_gpu_memory_gb": e2e.get("peak_gpu_memory_gb"),
         "flops_per_sample": figures["flops_per_sample"], "device_peak_flops": peak,

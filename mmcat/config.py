@@ -55,6 +55,11 @@ class ResizeMode(Choice):
     border = "border"  # fit in a white square
 
 
+class DecodeOn(Choice):  # where training/eval images are decoded and augmented (mmcat.data.device_decode)
+    cpu = "cpu"
+    device = "device"
+
+
 class Pooling(Choice):
     mean = "mean"  # masked mean over the text tokens
     cls = "cls"  # the [CLS] token's state
@@ -171,6 +176,11 @@ class DataConfig:
     # pixels leave the loader as uint8 and the model normalises them on the device (4x less IPC / H2D copy);
     # null = uint8 when CUDA is available, normalised float32 from the workers on CPU-only machines
     uint8_pixels: Optional[bool] = None
+    # cpu: the loader workers decode (OpenCV) and augment. device: the workers only batch the JPEG bytes; the trainer
+    # decodes them on its device (torchvision decode_jpeg: nvjpeg on a GPU) and augments there, for when the CPUs
+    # cannot decode as fast as the GPU trains. Same views, pixels within 1-3 levels of cpu's; photos at least twice
+    # image_size differ more (cpu decodes those at reduced scale inside libjpeg, which nvjpeg cannot).
+    decode_on: DecodeOn = DecodeOn.cpu
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from accelerate.utils import send_to_device
 
+from mmcat.data.device_decode import decode_batch
 from mmcat.data.loader import iterate_batches
 from mmcat.errors import DataError
 from mmcat.metrics import MODES, classification_metrics
@@ -64,7 +65,12 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelera
             if more == 0:
                 break
             real = batch is not None
-            batch = send_to_device(batch, accelerator.device, non_blocking=True) if real else dummy
+            if real:  # data.decode_on=device: the images are decoded here, on the device (bad ones dropped)
+                batch = send_to_device(decode_batch(batch, accelerator.device), accelerator.device, non_blocking=True)
+            if real and not batch["keys"]:  # every image of the batch was bad: keep its count, forward the dummy
+                skipped += int(batch["skipped"])
+                real = False
+            batch = batch if real else dummy
             with accelerator.autocast():
                 for mode in modes:
                     logits = forward_batch(model, batch, mode)

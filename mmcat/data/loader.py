@@ -52,6 +52,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
+from mmcat.data.device_decode import ViewSpec, raw_image
 from mmcat.data.samples import IMAGE_EXTS, BadSample, BadSampleCounter, LabelReader, decode_image, parse_sample
 from mmcat.data.shards import ShardSource, all_shards, read_labels, shard_sources, total_samples
 from mmcat.data.transforms import eval_view, to_pixel_values, train_view
@@ -256,12 +257,19 @@ class _Samples:
 
 
 class _DecodeAugment:
-    def __init__(self, counter: BadSampleCounter, image_size: int, train: bool, min_crop_scale: float) -> None:
+    """Decode + augment in the worker; with ``on_device`` (``data.decode_on=device``) only wrap the image bytes for
+    the trainer, which decodes and augments the whole batch on its device (mmcat.data.device_decode)."""
+
+    def __init__(self, counter: BadSampleCounter, image_size: int, train: bool, min_crop_scale: float,
+                 on_device: bool = False) -> None:
         self.counter, self.size, self.train, self.min_scale = counter, image_size, train, min_crop_scale
+        self.on_device = on_device
 
     def __call__(self, src: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
         for s in src:
-            if s["image"] is None:
+            if self.on_device:
+                s["pixels"], s["raw"] = None, raw_image(s["image"])
+            elif s["image"] is None:
                 s["pixels"] = None
             else:
                 try:
@@ -280,21 +288,27 @@ class Collate:
     every other modality collates its own values (``batch[name]``, ``batch["has_<name>"]``)."""
 
     def __init__(self, tokenizer: Any, max_length: int, image_size: int, counter: BadSampleCounter,
-                 normalize: bool, modalities: Sequence[Any] = ()) -> None:
+                 normalize: bool, modalities: Sequence[Any] = (), device_view: Optional[ViewSpec] = None) -> None:
         self.tokenizer, self.max_length, self.size, self.counter = tokenizer, max_length, image_size, counter
-        self.normalize, self.modalities = normalize, modalities
+        self.normalize, self.modalities, self.device_view = normalize, modalities, device_view
 
     def __call__(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
-        images = np.zeros((len(samples), self.size, self.size, 3), np.uint8)
-        for i, s in enumerate(samples):
-            if s["pixels"] is not None:
-                images[i] = s["pixels"]
-        has_image = torch.tensor([s["pixels"] is not None for s in samples], dtype=torch.bool)
+        if self.device_view is not None:  # image bytes for the device (device_decode.decode_batch), no pixels
+            has_image = torch.tensor([s["raw"] is not None for s in samples], dtype=torch.bool)
+            images = {"image_bytes": [s["raw"] for s in samples], "image_seeds": [s["seed"] for s in samples],
+                      "image_urls": [s["url"] for s in samples], "view": self.device_view}
+        else:
+            pixels = np.zeros((len(samples), self.size, self.size, 3), np.uint8)
+            for i, s in enumerate(samples):
+                if s["pixels"] is not None:
+                    pixels[i] = s["pixels"]
+            has_image = torch.tensor([s["pixels"] is not None for s in samples], dtype=torch.bool)
+            images = {"pixel_values": to_pixel_values(pixels, has_image, self.normalize)}
         # a sample without text gets the empty string: only the special tokens ([CLS][SEP])
         tok = self.tokenizer([s["text"] or "" for s in samples], padding=True, truncation=True,
                              max_length=self.max_length, return_tensors="pt", return_token_type_ids=False)
         return {
-            "pixel_values": to_pixel_values(images, has_image, self.normalize),
+            **images,
             "input_ids": tok["input_ids"].long(),
             "attention_mask": tok["attention_mask"].long(),
             "has_image": has_image,
@@ -349,13 +363,16 @@ def _pipeline(spec: _StreamSpec, data_cfg: Any, tokenizer: Any, modalities: Sequ
     counter = BadSampleCounter(bool(data_cfg.strict))
     labels = LabelReader(str(data_cfg.label_key), read_labels(data_cfg))
     size = int(data_cfg.image_size)
+    # the artifact's config (mmcat eval) has no decode_on: its evaluation decodes in the workers
+    on_device = str(getattr(data_cfg, "decode_on", "cpu")) == "device"
+    view = ViewSpec(size, train, float(data_cfg.min_crop_scale), bool(data_cfg.strict)) if on_device else None
     stages = [
         _Samples(spec, counter, labels, int(data_cfg.shuffle_buffer), _Members(str(data_cfg.label_key), modalities),
                  modalities),
-        _DecodeAugment(counter, size, train, float(data_cfg.min_crop_scale)),
+        _DecodeAugment(counter, size, train, float(data_cfg.min_crop_scale), on_device),
         wds.batched(spec.batch_size, collation_fn=Collate(tokenizer, int(data_cfg.max_text_length), size, counter,
                                                             normalize=not uint8_pixels(data_cfg),
-                                                            modalities=modalities),
+                                                            modalities=modalities, device_view=view),
                     partial=not train),
         _Limit(spec),
     ]

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from mmcat.calibration import EvalScores, temperatures_of, write_calibration
 from mmcat.config import to_container
 from mmcat.data import close_loader, iterate_batches
+from mmcat.data.device_decode import decode_batch
 from mmcat.hashing import stable_seed
 from mmcat.evaluation import dummy_batch, evaluate
 from mmcat.metrics import format_table, summary
@@ -182,7 +183,7 @@ class Trainer:
         acc, st, t = self.accelerator, self.state, self.cfg.train
         if self.cfg.train.compile:  # repeated text shapes: no recompile per distinct longest text
             batch = pad_text_to_bucket(batch, self.tokenizer.pad_token_id or 0, int(self.cfg.data.max_text_length))
-        batch = send_to_device(batch, acc.device, non_blocking=True)
+        batch = send_to_device(decode_batch(batch, acc.device), acc.device, non_blocking=True)
         if self._flops_per_sample is None:
             self._flops_per_sample = self._count_flops(batch)
             log.info("perf: %.4g model FLOPs per sample (forward + backward); device peak %s", self._flops_per_sample,
