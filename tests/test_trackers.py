@@ -1,0 +1,119 @@
+"""``train.report_to``: several experiment trackers at once (mmcat.train.trackers). A real tiny training run through
+the CLI logs to TensorBoard and MLflow's local file store (offline; RUN/mlruns by default), stopped half-way and
+resumed; both trackers must then hold the same content, and the MLflow run must be the one run, continued."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict
+
+import cv2
+import numpy as np
+import pytest
+
+from train_helpers import child_env, metrics, mmcat_cmd, run, tb_scalars, train_until_done, write_config
+
+pytestmark = pytest.mark.slow
+
+STEPS_PER_EPOCH = 6  # tiny_packed_dataset: 96 train samples, batch 16
+
+
+def _offline_env() -> Dict[str, str]:
+    """No user MLflow/wandb settings leak in: the run must choose RUN/mlruns itself."""
+    return {k: v for k, v in child_env().items() if not k.startswith(("MLFLOW_", "WANDB_"))}
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tiny_packed_dataset, tiny_text, tmp_path_factory) -> Path:
+    """2 epochs (12 steps, an evaluation after each epoch) to TensorBoard and MLflow, stopped after step 6 and
+    resumed with train.resume=latest."""
+    work = tmp_path_factory.mktemp("tracked")
+    cfg = write_config(work / "train.yaml", tiny_text, tiny_packed_dataset, work / "run",
+                       train__report_to=["tensorboard", "mlflow"], train__stop_after_steps=STEPS_PER_EPOCH,
+                       train__resume="latest")
+    codes = train_until_done(mmcat_cmd("train", "--config", str(cfg)), env=_offline_env())
+    assert codes == [75, 0]  # really stopped once and resumed
+    return work / "run"
+
+
+@pytest.fixture
+def client(tracked_run, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads a file store only when told it may
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=(tracked_run / "mlruns").as_uri())
+
+
+@pytest.fixture
+def mlflow_run(client, tracked_run):
+    """The one MLflow run of the experiment (the resumed invocation went on in it) -- the one RUN names."""
+    (experiment,) = [e for e in client.search_experiments() if e.name == "mmcat"]
+    (found,) = client.search_runs([experiment.experiment_id])
+    assert found.info.run_id == json.loads((tracked_run / "mlflow_run.json").read_text())["run_id"]
+    return found
+
+
+def _history(client, run_id: str, key: str) -> Dict[int, float]:
+    points = client.get_metric_history(run_id, key)
+    steps = [p.step for p in points]
+    assert len(steps) == len(set(steps)), f"{key} logged twice at a step: {sorted(steps)}"
+    return {p.step: p.value for p in points}
+
+
+def _as_f32(values: Dict[int, float]) -> Dict[int, np.float32]:
+    return {step: np.float32(v) for step, v in values.items()}  # TensorBoard keeps float32
+
+
+def test_mlflow_metrics_equal_tensorboard_step_by_step(client, mlflow_run, tracked_run):
+    run_id = mlflow_run.info.run_id
+    evals = tb_scalars(tracked_run, "val/fused/macro_f1")
+    assert sorted(evals) == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert _as_f32(_history(client, run_id, "val/fused/macro_f1")) == _as_f32(evals)
+    assert evals[2 * STEPS_PER_EPOCH] == pytest.approx(metrics(tracked_run)["val"]["fused"]["macro_f1"], abs=1e-6)
+    losses = _history(client, run_id, "train/loss")
+    assert sorted(losses) == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # both invocations, in one MLflow run
+    assert _as_f32(losses) == _as_f32(tb_scalars(tracked_run, "train/loss"))
+
+
+def test_mlflow_holds_the_hyperparameters(mlflow_run, tracked_run):
+    params = mlflow_run.data.params
+    assert float(params["train.lr"]) == 3e-3 and int(params["train.batch_size"]) == 16
+    assert params["model.fusion"] == "gated" and params["output_dir"] == str(tracked_run)
+
+
+def _tb_images(run_dir: Path, tag: str) -> Dict[int, np.ndarray]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    images: Dict[int, np.ndarray] = {}
+    for events in sorted((run_dir / "tensorboard" / "mmcat").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0})
+        acc.Reload()
+        if tag in acc.Tags()["images"]:
+            for e in acc.Images(tag):
+                images[e.step] = cv2.imdecode(np.frombuffer(e.encoded_image_string, np.uint8), cv2.IMREAD_COLOR)
+    return images
+
+
+def test_confusion_matrix_figure_in_both_trackers_at_each_evaluation(client, mlflow_run, tracked_run, tmp_path):
+    run_id = mlflow_run.info.run_id
+    tb = _tb_images(tracked_run, "val/confusion_matrix")
+    assert sorted(tb) == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]  # TensorBoard still gets its image
+    logged = {a.path for a in client.list_artifacts(run_id, "val/confusion_matrix")}
+    assert logged == {f"val/confusion_matrix/step_{s:07d}.png" for s in tb}
+    for step, tb_image in tb.items():
+        path = Path(client.download_artifacts(run_id, f"val/confusion_matrix/step_{step:07d}.png", str(tmp_path)))
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        png = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        assert png.shape == tb_image.shape and min(png.shape[:2]) >= 300  # the same figure, legible size
+        assert np.abs(png.astype(int) - tb_image.astype(int)).mean() < 8  # drawn the same (not a blank canvas)
+        assert png.std() > 20
+
+
+def test_no_tracker_writes_no_logs_and_trains(tiny_packed_dataset, tiny_text, tmp_path):
+    cfg = write_config(tmp_path / "train.yaml", tiny_text, tiny_packed_dataset, tmp_path / "run",
+                       train__report_to="none", train__epochs=1, train__max_steps=2)
+    run(mmcat_cmd("train", "--config", str(cfg)), env=_offline_env())
+    assert metrics(tmp_path / "run")["global_step"] == 2
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+    assert not {"tensorboard", "mlruns", "mlflow_run.json"} & set(os.listdir(tmp_path / "run"))
