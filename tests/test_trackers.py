@@ -16,7 +16,7 @@ from train_helpers import child_env, metrics, mmcat_cmd, run, tb_scalars, train_
 
 pytestmark = pytest.mark.slow
 
-STEPS_PER_EPOCH = 6  # tiny_packed_dataset: 96 train samples, batch 16
+EVAL_EVERY, STEPS = 2, 4  # optimizer steps (batches of 16 of tiny_packed_dataset's 96 train samples)
 
 
 def _offline_env() -> Dict[str, str]:
@@ -26,12 +26,13 @@ def _offline_env() -> Dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tracked_run(tiny_packed_dataset, tiny_text, tmp_path_factory) -> Path:
-    """2 epochs (12 steps, an evaluation after each epoch) to TensorBoard and MLflow, stopped after step 6 and
-    resumed with train.resume=latest."""
+    """4 steps (evaluations at steps 2 and 4) to TensorBoard and MLflow, stopped after step 2 and resumed with
+    train.resume=latest."""
     work = tmp_path_factory.mktemp("tracked")
     cfg = write_config(work / "train.yaml", tiny_text, tiny_packed_dataset, work / "run",
-                       train__report_to=["tensorboard", "mlflow"], train__stop_after_steps=STEPS_PER_EPOCH,
-                       train__resume="latest")
+                       train__report_to=["tensorboard", "mlflow"], train__max_steps=STEPS,
+                       train__eval_every=EVAL_EVERY, train__save_every=EVAL_EVERY,
+                       train__stop_after_steps=EVAL_EVERY, train__resume="latest")
     codes = train_until_done(mmcat_cmd("train", "--config", str(cfg)), env=_offline_env())
     assert codes == [75, 0]  # really stopped once and resumed
     return work / "run"
@@ -68,11 +69,11 @@ def _as_f32(values: Dict[int, float]) -> Dict[int, np.float32]:
 def test_mlflow_metrics_equal_tensorboard_step_by_step(client, mlflow_run, tracked_run):
     run_id = mlflow_run.info.run_id
     evals = tb_scalars(tracked_run, "val/fused/macro_f1")
-    assert sorted(evals) == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert sorted(evals) == [EVAL_EVERY, STEPS]
     assert _as_f32(_history(client, run_id, "val/fused/macro_f1")) == _as_f32(evals)
-    assert evals[2 * STEPS_PER_EPOCH] == pytest.approx(metrics(tracked_run)["val"]["fused"]["macro_f1"], abs=1e-6)
+    assert evals[STEPS] == pytest.approx(metrics(tracked_run)["val"]["fused"]["macro_f1"], abs=1e-6)
     losses = _history(client, run_id, "train/loss")
-    assert sorted(losses) == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # both invocations, in one MLflow run
+    assert sorted(losses) == list(range(1, STEPS + 1))  # both invocations, in one MLflow run
     assert _as_f32(losses) == _as_f32(tb_scalars(tracked_run, "train/loss"))
 
 
@@ -98,7 +99,7 @@ def _tb_images(run_dir: Path, tag: str) -> Dict[int, np.ndarray]:
 def test_confusion_matrix_figure_in_both_trackers_at_each_evaluation(client, mlflow_run, tracked_run, tmp_path):
     run_id = mlflow_run.info.run_id
     tb = _tb_images(tracked_run, "val/confusion_matrix")
-    assert sorted(tb) == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]  # TensorBoard still gets its image
+    assert sorted(tb) == [EVAL_EVERY, STEPS]  # TensorBoard still gets its image
     logged = {a.path for a in client.list_artifacts(run_id, "val/confusion_matrix")}
     assert logged == {f"val/confusion_matrix/step_{s:07d}.png" for s in tb}
     for step, tb_image in tb.items():
@@ -112,8 +113,44 @@ def test_confusion_matrix_figure_in_both_trackers_at_each_evaluation(client, mlf
 
 def test_no_tracker_writes_no_logs_and_trains(tiny_packed_dataset, tiny_text, tmp_path):
     cfg = write_config(tmp_path / "train.yaml", tiny_text, tiny_packed_dataset, tmp_path / "run",
-                       train__report_to="none", train__epochs=1, train__max_steps=2)
+                       train__report_to="none", train__max_steps=1)
     run(mmcat_cmd("train", "--config", str(cfg)), env=_offline_env())
-    assert metrics(tmp_path / "run")["global_step"] == 2
+    assert metrics(tmp_path / "run")["global_step"] == 1
     assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
     assert not {"tensorboard", "mlruns", "mlflow_run.json"} & set(os.listdir(tmp_path / "run"))
+
+
+def test_warning_text_reaches_every_tracker_that_takes_text(tmp_path, monkeypatch):
+    """The modality-competition warning (rare in a tiny run, so driven directly): TensorBoard text and one MLflow
+    text artifact per modality, both holding the message."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mmcat.train import trackers
+
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE"):  # unset now, and again after the test (the
+        monkeypatch.setenv(key, "")  # trainer sets them in its own process)
+        monkeypatch.delenv(key)
+    run_dir = tmp_path / "run"
+    acc = Accelerator(cpu=True, log_with=trackers.active_trackers(["tensorboard", "mlflow"]),
+                      project_config=ProjectConfiguration(str(run_dir), logging_dir=str(run_dir / "tensorboard")))
+    acc.init_trackers("mmcat", init_kwargs=trackers.init_kwargs(["tensorboard", "mlflow"], run_dir, resuming=False))
+    trackers.remember_runs(acc, run_dir)
+    trackers.log_warning(acc, "warnings/modality_competition", "image stays at chance", 7, "image")
+    trackers.log_warning(acc, "warnings/modality_competition", "text stays at chance", 7, "text")
+    acc.end_training()
+
+    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())  # the default store, inside the run dir
+    got = {a.path: client.download_artifacts(run_id, a.path, str(tmp_path))
+           for a in client.list_artifacts(run_id, "warnings/modality_competition")}
+    assert {p: Path(f).read_text() for p, f in got.items()} == {
+        "warnings/modality_competition/step_0000007_image.txt": "image stays at chance",
+        "warnings/modality_competition/step_0000007_text.txt": "text stays at chance"}
+    (events,) = (run_dir / "tensorboard" / "mmcat").glob("events.out.tfevents.*")
+    tb = EventAccumulator(str(events), size_guidance={"tensors": 0})
+    tb.Reload()
+    texts = [t.tensor_proto.string_val[0].decode() for t in tb.Tensors("warnings/modality_competition/text_summary")]
+    assert texts == ["image stays at chance", "text stays at chance"]

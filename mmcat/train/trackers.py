@@ -11,10 +11,10 @@ in ``RUN/mlflow_run.json``). Only the main process logs: Accelerate creates the 
 """
 from __future__ import annotations
 
-import html
-from collections import abc
 import json
 import os
+import tempfile
+from collections import abc
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
 
@@ -85,101 +85,97 @@ def init_kwargs(names: Sequence[str], out: Path, resuming: bool) -> Dict[str, Di
 
 
 def _mlflow_kwargs(out: Path, resuming: bool) -> Dict[str, Any]:
-    import mlflow
-
     if "MLFLOW_TRACKING_URI" not in os.environ:
-        # one folder holds the whole offline run. MLflow >= 3.x refuses a file store unless this is set: the
-        # file store is what mlflow-skinny supports (no SQLAlchemy), and the location is our choice, not the user's
+        # one folder holds the whole offline run (MLflow reads the variable when it starts the run). MLflow 3
+        # refuses a file store unless told it may: the file store is what mlflow-skinny supports (no SQLAlchemy),
+        # and this location is our choice, not the user's
+        os.environ["MLFLOW_TRACKING_URI"] = (out / "mlruns").resolve().as_uri()
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        mlflow.set_tracking_uri((out / "mlruns").resolve().as_uri())
     kwargs: Dict[str, Any] = {"run_name": out.name}
     kept = out / MLFLOW_RUN_FILE
     if resuming and kept.is_file():
         saved = json.loads(kept.read_text())
-        if saved.get("tracking_uri") == mlflow.get_tracking_uri():  # the same store: go on in the same run
+        if saved.get("tracking_uri") == os.environ["MLFLOW_TRACKING_URI"]:  # the same store: go on in the same run
             kwargs["run_id"] = saved["run_id"]
     return kwargs
 
 
 def remember_runs(acc: Any, out: Path) -> None:
     """After ``init_trackers`` (main process): keep the MLflow run id in the run directory for a resume."""
-    mlflow_run = _unwrapped(acc, "mlflow")
-    if mlflow_run is not None:  # None on other ranks too
-        import mlflow
-
+    mlflow = _active(acc, "mlflow")
+    if mlflow is not None:  # None on other ranks too
         from mmcat.files import write_atomic
 
-        write_atomic(out / MLFLOW_RUN_FILE,
-                     json.dumps({"run_id": mlflow_run.info.run_id, "tracking_uri": mlflow.get_tracking_uri()}))
+        write_atomic(out / MLFLOW_RUN_FILE, json.dumps({"run_id": mlflow.tracker.info.run_id,
+                                                        "tracking_uri": os.environ["MLFLOW_TRACKING_URI"]}))
 
 
-def _unwrapped(acc: Any, name: str) -> Any:
-    """The tracker library's own object (SummaryWriter, MLflow ActiveRun, wandb Run); None when the tracker is not
-    active, and on every process but the main one (Accelerate starts the trackers there only)."""
+def _active(acc: Any, name: str) -> Any:
+    """Accelerate's tracker ``name``; None when it is not active, and on every process but the main one
+    (Accelerate starts the trackers there only)."""
     if not acc.is_main_process:
         return None
-    return next((t.tracker for t in acc.trackers if t.name == name), None)
+    return next((t for t in acc.trackers if t.name == name), None)
 
 
 # ------------------------------------------------------------------------------------------ rich items
+# Through Accelerate's tracker wrappers (log_figure, log_images, log_table, log_artifact): they call each library's
+# own API (mlflow.log_figure, wandb.Image, wandb.Table), so mmcat imports no tracker package itself.
 def log_confusion(acc: Any, matrix: Sequence[Sequence[int]], labels: Sequence[str], step: int) -> None:
     """The confusion-matrix figure (mmcat.train.tensorboard.confusion_figure) to every tracker that takes images:
     TensorBoard image ``val/confusion_matrix``; MLflow artifact ``val/confusion_matrix/step_NNNNNNN.png``; wandb
     image ``val/confusion_matrix``. Main process only (the trackers exist there only)."""
-    if not _has_any(acc, _CONFUSION):
+    active = [(t, _CONFUSION[t.name]) for t in _all_active(acc) if t.name in _CONFUSION]
+    if not active:
         return  # drawing a figure nobody takes costs a second per evaluation on many classes
-    from mmcat.train.tensorboard import confusion_figure, figure_rgb
+    from mmcat.train.tensorboard import confusion_figure
 
     fig = confusion_figure(matrix, labels)
-    for name, log in _CONFUSION.items():
-        run = _unwrapped(acc, name)
-        if run is not None:
-            log(run, fig, figure_rgb, step)
+    for tracker, log in active:
+        log(tracker, fig, step)
 
 
 def log_warning(acc: Any, tag: str, text: str, step: int, about: str) -> None:
     """A warning text (e.g. ``warnings/modality_competition`` about modality ``about``) to every tracker that takes
-    text: TensorBoard text; MLflow artifact ``TAG/step_NNNNNNN_ABOUT.txt``; wandb HTML panel."""
-    for name, log in _TEXT.items():
-        run = _unwrapped(acc, name)
-        if run is not None:
-            log(run, tag, text, step, about)
+    text: TensorBoard text ``TAG``; MLflow artifact ``TAG/step_NNNNNNN_ABOUT.txt``; wandb table ``TAG/ABOUT``."""
+    for tracker in _all_active(acc):
+        if tracker.name in _TEXT:
+            _TEXT[tracker.name](tracker, tag, text, step, about)
 
 
-def _has_any(acc: Any, table: Dict[str, Callable]) -> bool:
-    return acc.is_main_process and any(t.name in table for t in acc.trackers)
+def _all_active(acc: Any) -> List[Any]:
+    return list(acc.trackers) if acc.is_main_process else []
 
 
-def _tb_image(writer: Any, fig: Any, rgb: Callable, step: int) -> None:
-    writer.add_image("val/confusion_matrix", rgb(fig), step, dataformats="HWC")
+def _tb_image(tracker: Any, fig: Any, step: int) -> None:
+    from mmcat.train.tensorboard import figure_rgb
+
+    tracker.writer.add_image("val/confusion_matrix", figure_rgb(fig), step, dataformats="HWC")
 
 
-def _mlflow_figure(run: Any, fig: Any, rgb: Callable, step: int) -> None:
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient().log_figure(run.info.run_id, fig, f"val/confusion_matrix/step_{step:07d}.png")
+def _mlflow_figure(tracker: Any, fig: Any, step: int) -> None:
+    tracker.log_figure(fig, artifact_file=f"val/confusion_matrix/step_{step:07d}.png")
 
 
-def _wandb_image(run: Any, fig: Any, rgb: Callable, step: int) -> None:
-    import wandb
+def _wandb_image(tracker: Any, fig: Any, step: int) -> None:
+    from mmcat.train.tensorboard import figure_rgb
 
-    run.log({"val/confusion_matrix": wandb.Image(rgb(fig))}, step=step)
-
-
-def _tb_text(writer: Any, tag: str, text: str, step: int, about: str) -> None:
-    writer.add_text(tag, text, step)
+    tracker.log_images({"val/confusion_matrix": [figure_rgb(fig)]}, step=step)
 
 
-def _mlflow_text(run: Any, tag: str, text: str, step: int, about: str) -> None:
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient().log_text(run.info.run_id, text, f"{tag}/step_{step:07d}_{about}.txt")
+def _tb_text(tracker: Any, tag: str, text: str, step: int, about: str) -> None:
+    tracker.writer.add_text(tag, text, step)
 
 
-def _wandb_text(run: Any, tag: str, text: str, step: int, about: str) -> None:
-    import wandb
+def _mlflow_text(tracker: Any, tag: str, text: str, step: int, about: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:  # MLflow copies a file into the run's artifacts
+        path = Path(tmp) / f"step_{step:07d}_{about}.txt"
+        path.write_text(text)
+        tracker.log_artifact(str(path), artifact_path=tag)
 
-    run.log({f"{tag}/{about}": wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)
+
+def _wandb_text(tracker: Any, tag: str, text: str, step: int, about: str) -> None:
+    tracker.log_table(f"{tag}/{about}", columns=["step", "warning"], data=[[step, text]], step=step)
 
 
 _CONFUSION: Dict[str, Callable] = {"tensorboard": _tb_image, "mlflow": _mlflow_figure, "wandb": _wandb_image}
