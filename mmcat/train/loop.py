@@ -121,9 +121,10 @@ class Trainer:
         acc = self.accelerator
         if self.setup.resume_from is not None:
             self.state = load_checkpoint(acc, self.setup.resume_from)
-        acc.init_trackers("mmcat", config=_flat_hparams(self.cfg), init_kwargs=trackers.init_kwargs(
+        acc.init_trackers("mmcat", init_kwargs=trackers.init_kwargs(
             [str(t) for t in acc.log_with], self.out, resuming=self.setup.resume_from is not None))
         trackers.remember_runs(acc, self.out)
+        trackers.store_config(acc, _flat_hparams(self.cfg))  # a continued MLflow run keeps its parameters
         self.preempt.install()
         self.meter = _Meter(self.state.samples_seen)
         self.bar = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not acc.is_main_process,

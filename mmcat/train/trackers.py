@@ -12,6 +12,7 @@ in ``RUN/mlflow_run.json``). Only the main process logs: Accelerate creates the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections import abc
@@ -22,6 +23,7 @@ from mmcat.errors import ConfigError
 
 KEY = "config key 'train.report_to'"
 MLFLOW_RUN_FILE = "mlflow_run.json"
+log = logging.getLogger(__name__)
 
 # what `pip install` needs for each tracker Accelerate knows (the name in the error when it is missing)
 PIP_PACKAGE = {
@@ -108,6 +110,26 @@ def remember_runs(acc: Any, out: Path) -> None:
 
         write_atomic(out / MLFLOW_RUN_FILE, json.dumps({"run_id": mlflow.tracker.info.run_id,
                                                         "tracking_uri": os.environ["MLFLOW_TRACKING_URI"]}))
+
+
+def store_config(acc: Any, hparams: Dict[str, Any]) -> None:
+    """The hyperparameters to every tracker, what ``init_trackers(config=...)`` does -- except that a continued
+    MLflow run gets only the keys it lacks: MLflow parameters cannot change, and a resume may legitimately change
+    settings (epochs, learning rates, trackers); RUN/config.yaml holds each invocation's values."""
+    for tracker in _all_active(acc):
+        if tracker.name == "mlflow":
+            tracker.store_init_configuration(_new_mlflow_params(tracker, hparams))
+        else:
+            tracker.store_init_configuration(hparams)
+
+
+def _new_mlflow_params(tracker: Any, hparams: Dict[str, Any]) -> Dict[str, Any]:
+    held = tracker.tracker.data.params  # the run as MLflow started it: a continued run's earlier parameters
+    changed = sorted(k for k, v in hparams.items() if k in held and held[k] != str(v))
+    if changed:
+        log.warning("MLflow run %s keeps its first value of %s (parameters cannot change); this invocation's "
+                    "settings are in config.yaml", tracker.tracker.info.run_id, ", ".join(changed))
+    return {k: v for k, v in hparams.items() if k not in held}
 
 
 def _active(acc: Any, name: str) -> Any:
