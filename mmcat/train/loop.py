@@ -335,7 +335,7 @@ class Trainer:
         return None
 
     def _check_competition(self, res: Dict[str, Dict]) -> None:
-        """Warn (log + TensorBoard text, once per modality) when a modality's ablation stays near chance while the
+        """Warn (log + each tracker's text, once per modality) when a modality's ablation stays near chance while the
         fused model holds or improves (mmcat.train.competition): another modality took all the gradient."""
         st = self.state
         competition.record(st.ablation_history, res, self.modes)
