@@ -75,8 +75,9 @@ def active_trackers(report_to: Any) -> List[str]:
 
 # ---------------------------------------------------------------------------------------------- starting
 def init_kwargs(names: Sequence[str], out: Path, resuming: bool) -> Dict[str, Dict[str, Any]]:
-    """Per-tracker keyword arguments for ``Accelerator.init_trackers`` (main process): where each writes, and the
-    MLflow run a resumed run continues. Call before ``init_trackers``: it also points MLflow at its store."""
+    """Per-tracker keyword arguments for ``Accelerator.init_trackers`` (on every process; the trackers start on the
+    main one): where each writes, and the MLflow run a resumed run continues. Call before ``init_trackers``: it
+    also points MLflow at its store."""
     kwargs: Dict[str, Dict[str, Any]] = {}
     if "mlflow" in names:
         kwargs["mlflow"] = _mlflow_kwargs(out, resuming)
