@@ -258,6 +258,11 @@ class TrainConfig:
     # torch.compile the model (mmcat.train.speed.compile_model; train text padded to multiples of 16 tokens so the
     # shapes repeat); the first steps are slow while it compiles
     compile: bool = False
+    # experiment trackers (mmcat.train.trackers), several at once through Accelerate: a list of names out of
+    # tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive, swanlab, trackio; or one name, `all` (each one
+    # installed) or `none` / []. `mmcat report` reads the TensorBoard logs, so keep tensorboard in the list.
+    # MLflow writes RUN/mlruns unless MLFLOW_TRACKING_URI is set; wandb writes under RUN unless WANDB_DIR is.
+    report_to: Any = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass
@@ -308,6 +313,7 @@ def load_config(
         _check_ranges(cfg)
         _check_label_key(cfg)
         _check_image_name(cfg)
+        _check_report_to(cfg)
     except OmegaConfBaseException as exc:
         raise _fail(exc) from None
     OmegaConf.set_readonly(cfg, True)
@@ -419,6 +425,16 @@ def _check_image_name(cfg: DictConfig) -> None:
         error = image_name_error(str(name))
         if error:
             raise ConfigError(error)
+
+
+def _check_report_to(cfg: DictConfig) -> None:
+    """Names only (Accelerate's list): whether each tracker's package is installed is checked when training
+    starts, so a run's config still loads for eval on a machine without, say, wandb."""
+    value = OmegaConf.select(cfg, "train.report_to", default=None)
+    if value is not None:
+        from mmcat.train.trackers import requested
+
+        requested(value)
 
 
 def check_label_key(value: str, where: str) -> None:

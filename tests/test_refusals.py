@@ -146,3 +146,19 @@ def test_train_refuses_bad_balance_settings_in_one_line(overrides, expected, tin
     msg = one_error_line(run(mmcat_cmd("train", "--config", str(cfg), *overrides), check=False), "train")
     assert msg == expected
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("report_to, expected", [
+    ("[tensorboard,tensorbored]",
+     "config key 'train.report_to': unknown tracker 'tensorbored'; choose from aim, tensorboard, wandb, trackio, "
+     "comet_ml, mlflow, clearml, dvclive, swanlab, all or none"),
+    ("[tensorboard,aim]",  # aim is not installed here: Accelerate alone would drop it without a word
+     "config key 'train.report_to': tracker 'aim' needs the Python package aim, which is not installed "
+     "(pip install aim)"),
+])
+def test_train_refuses_unknown_or_missing_trackers_in_one_line(report_to, expected, tiny_packed_dataset, tiny_text,
+                                                               tmp_path):
+    cfg = write_config(tmp_path / "train.yaml", tiny_text, tiny_packed_dataset, tmp_path / "run")
+    proc = run(mmcat_cmd("train", "--config", str(cfg), f"train.report_to={report_to}"), check=False)
+    assert one_error_line(proc, "train") == expected
+    assert not (tmp_path / "run").exists()

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
 
 from mmcat.errors import ConfigError
+from mmcat.train.trackers import active_trackers
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def build_accelerator(cfg: Any) -> Accelerator:
         cpu=multi_cpu_ddp(),
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
-        log_with="tensorboard",
+        log_with=active_trackers(cfg.train.report_to) or None,  # checked before the run dir is written
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
         kwargs_handlers=kwargs_handlers,
         step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves

@@ -32,7 +32,8 @@ from mmcat.files import write_atomic
 from mmcat.train.setup import TrainingSetup, build_training
 from mmcat.train.perf import peak_flops, perf_scalars, training_flops_per_sample
 from mmcat.train.speed import backend_flags, compiled_graphs, pad_text_to_bucket
-from mmcat.train.tensorboard import confusion_image, per_class_f1
+from mmcat.train import trackers
+from mmcat.train.tensorboard import per_class_f1
 
 log = logging.getLogger("mmcat.train")
 
@@ -122,7 +123,10 @@ class Trainer:
         acc = self.accelerator
         if self.setup.resume_from is not None:
             self.state = load_checkpoint(acc, self.setup.resume_from)
-        acc.init_trackers("mmcat", config=_flat_hparams(self.cfg))
+        acc.init_trackers("mmcat", init_kwargs=trackers.init_kwargs(
+            [str(t) for t in acc.log_with], self.out, resuming=self.setup.resume_from is not None))
+        trackers.remember_runs(acc, self.out)
+        trackers.store_config(acc, _flat_hparams(self.cfg))  # a continued MLflow run keeps its parameters
         self.preempt.install()
         self.meter = _Meter(self.state.samples_seen)
         self.bar = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not acc.is_main_process,
@@ -331,9 +335,7 @@ class Trainer:
                  **per_class_f1(fused["per_class"])}, step=st.global_step)
         if acc.is_main_process:
             log.info("step %d val: %s", st.global_step, {m: round(res[m]["macro_f1"], 4) for m in self.modes})
-            tb = acc.get_tracker("tensorboard", unwrap=True)
-            tb.add_image("val/confusion_matrix", confusion_image(fused["confusion_matrix"], self.labels),
-                         st.global_step, dataformats="HWC")
+            trackers.log_confusion(acc, fused["confusion_matrix"], self.labels, st.global_step)
         self._check_competition(res)
         if fused["macro_f1"] > st.best_metric:
             st.best_metric, st.best_step, st.evals_without_improvement = fused["macro_f1"], st.global_step, 0
@@ -348,7 +350,7 @@ class Trainer:
         return None
 
     def _check_competition(self, res: Dict[str, Dict]) -> None:
-        """Warn (log + TensorBoard text, once per modality) when a modality's ablation stays near chance while the
+        """Warn (log + each tracker's text, once per modality) when a modality's ablation stays near chance while the
         fused model holds or improves (mmcat.train.competition): another modality took all the gradient."""
         st = self.state
         competition.record(st.ablation_history, res, self.modes)
@@ -359,8 +361,7 @@ class Trainer:
             if self.accelerator.is_main_process:
                 msg = competition.message(name, st.ablation_history, len(self.labels))
                 log.warning(msg)
-                tb = self.accelerator.get_tracker("tensorboard", unwrap=True)
-                tb.add_text("warnings/modality_competition", msg, st.global_step)
+                trackers.log_warning(self.accelerator, "warnings/modality_competition", msg, st.global_step, name)
 
     def _export_best(self, val_metrics: Dict) -> None:
         from mmcat.artifact import export_artifact

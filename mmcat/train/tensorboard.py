@@ -1,6 +1,7 @@
-"""What the trainer shows in TensorBoard beyond scalars: a confusion matrix a person can read (class names on both
-axes, counts, a colour scale, axis titles), and per-class F1 as scalars (one curve per class, so a class that
-stops improving is visible).
+"""What the trainer shows beyond plain scalars: a confusion matrix a person can read (class names on both axes,
+counts, a colour scale, axis titles), and per-class F1 as scalars (one curve per class, so a class that stops
+improving is visible). mmcat.train.trackers sends the figure to each tracker of ``train.report_to`` that takes
+images (TensorBoard as an RGB array, MLflow as a PNG).
 
 matplotlib draws off-screen (the Agg canvas, no pyplot, no display): the trainer may run on a head-less node.
 """
@@ -49,10 +50,6 @@ def figure_rgb(fig: Any) -> np.ndarray:
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
-def confusion_image(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> np.ndarray:
-    return figure_rgb(confusion_figure(matrix, labels))
 
 
 def per_class_f1(per_class: Dict[str, Dict[str, float]], prefix: str = "val/per_class_f1/") -> Dict[str, float]:
