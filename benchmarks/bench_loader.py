@@ -148,11 +148,12 @@ def _children(parent: int) -> List[int]:
     return pids
 
 
-def _worker_peaks(parent: int, peaks: Dict[int, int]) -> None:
+def _worker_peaks(parent: int, peaks: Dict[int, int], others: set) -> None:
     """Update ``peaks`` (pid -> kB) with the private resident memory (Private_Clean + Private_Dirty, the "USS") of
-    every child of ``parent``, i.e. the DataLoader workers. Not VmRSS/VmHWM: a forked worker's RSS also counts the
-    pages it still shares with this process (~450 MB of torch and the tokenizer), which would hide a growth."""
-    for pid in _children(parent):
+    every child of ``parent`` not in ``others`` (those that ran before the loader: a forkserver, a resource
+    tracker), i.e. the DataLoader workers. Not VmRSS/VmHWM: a forked worker's RSS also counts the pages it still
+    shares with this process (~450 MB of torch and the tokenizer), which would hide a growth."""
+    for pid in set(_children(parent)) - others:
         try:
             text = Path(f"/proc/{pid}/smaps_rollup").read_text()
         except OSError:
@@ -169,7 +170,9 @@ def worker_peak_rss_mb(packed: Path, tokenizer: Any) -> float:
                                              f"data.max_text_length={MAX_LEN}", "data.uint8_pixels=false",
                                              f"data.shuffle_buffer={RSS_SHUFFLE}"])
     peaks: Dict[int, int] = {}
-    timed_epoch(build_train_loader(cfg, tokenizer, 0, 1, 0).loader, lambda _: _worker_peaks(os.getpid(), peaks))
+    others = set(_children(os.getpid()))
+    timed_epoch(build_train_loader(cfg, tokenizer, 0, 1, 0).loader,
+                lambda _: _worker_peaks(os.getpid(), peaks, others))
     if not peaks:
         raise RuntimeError("no DataLoader worker process seen")
     return max(peaks.values()) / 1024

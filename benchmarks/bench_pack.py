@@ -1,5 +1,7 @@
 """Packing throughput: `mmcat pack --workers N` vs a naive PIL + webdataset.ShardWriter loop, and vs the
-measured single-core OpenCV decode+resize+encode rate x N (the ceiling for N worker processes).
+measured single-core OpenCV decode+resize+encode rate x N (the ceiling for N worker processes). The suite
+(``figures``, run by run_all.py) uses instead the limit measured as N OpenCV processes run at once
+(:func:`opencv_parallel_limit`).
 
     .venv/bin/python benchmarks/bench_pack.py [--num 2000] [--workers 2] [--image-size 256] [--data DIR]
 
