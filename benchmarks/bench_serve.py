@@ -163,6 +163,9 @@ def figures(work: Path, quick: bool = False, repeats: int = 3) -> dict:
     from bench_predict import synth, untrained_model
     from suite import paired, row
 
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request once an earlier benchmark logs INFO
     num, requests = (48, 16) if quick else (96, 48)
     table = synth(work.parent / "predict" / f"raw{num}", num, 64, 128)
     products = load_products(table)
