@@ -187,7 +187,8 @@ def worker_rss_row(work: Path, quick: bool, tokenizer: Any) -> Dict[str, Any]:
     pairs = [(worker_peak_rss_mb(packed[10 * small], tokenizer), worker_peak_rss_mb(packed[small], tokenizer))
              for _ in range(2)]
     big, base, ratio = paired(pairs)
-    return row(f"loader worker peak private RSS, {10 * small:,} vs {small:,} products ({RSS_SIZE} px, {WORKERS} workers)",
+    return row(f"loader worker peak private RSS, {10 * small:,} vs {small:,} products ({RSS_SIZE} px, "
+               f"{WORKERS} workers)",
                "MB", big, base, ratio, "<= 1.1 (flat)", at_most=1.1,
                note=f"private memory, shuffle buffer {RSS_SHUFFLE}")
 

@@ -156,7 +156,7 @@ def _results(todo: Pending, settings: ImageSettings, workers: int, downloads: Do
 
     ``todo`` is read in one pass (each Task is made once): the entries handed to the workers wait in a queue and
     are paired with their results, which come back in the same order."""
-    handed_out: Deque[Tuple[str, int, Task]] = deque()  # at most the prefetch window plus the pool's queue
+    handed_out: Deque[Tuple[str, int, Task]] = deque()  # handed out, not yet written: as many as before (pipe, workers)
 
     def tasks() -> Iterator[Task]:  # pulled by Prefetch (from the pool's task thread when workers > 1)
         for entry in todo:
