@@ -82,17 +82,20 @@ def timed_epoch(loader: Any, on_batch: Any = None) -> float:
     return n / (time.perf_counter() - start)
 
 
-def prepare(work: Path, num_images: int, full_size: bool) -> Path:
-    """Synthesize and pack with the mmcat CLI in subprocesses, so this process starts its loaders clean."""
+def prepare(work: Path, num_images: int, full_size: bool, side: int = 0) -> Path:
+    """Synthesize and pack with the mmcat CLI in subprocesses, so this process starts its loaders clean.
+    Photos of 600-800 px packed at 256 px, or of ``side``..1.5 ``side`` px packed at ``side`` when given."""
     mmcat = [sys.executable, "-m", "mmcat"]
     raw = work / "raw"
+    lo, hi, size = (side, side * 3 // 2, side) if side else (600, 800, 256)
     if not (raw / "products.csv").is_file():
-        subprocess.run(mmcat + ["synth", "--out", str(raw), "--num-products", str(num_images), "--min-side", "600",
-                                "--max-side", "800", "--seed", "1"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(mmcat + ["synth", "--out", str(raw), "--num-products", str(num_images), "--min-side", str(lo),
+                                "--max-side", str(hi), "--seed", "1"], check=True, stdout=subprocess.DEVNULL)
     packed = work / ("packed_full" if full_size else "packed")
     if not (packed / "manifest.json").is_file():
         subprocess.run(mmcat + ["pack", str(raw / "products.csv"), "--out", str(packed), "--splits", "train=1.0",
-                                "--max-samples-per-shard", str(max(10, num_images // 10)), "--image-size", "256", "--workers", "2",
+                                "--max-samples-per-shard", str(max(10, num_images // 10)), "--image-size", str(size),
+                                "--workers", "2",
                                 "--resize-mode", "keep" if full_size else "shorter"],
                        check=True, stdout=subprocess.DEVNULL)
     return packed
@@ -102,7 +105,7 @@ def figures(work: Path, quick: bool = False, repeats: int = 3) -> dict:
     """The suite's row: mmcat's loader (CPU default, float32 from the workers) vs the raw-folder Dataset, epochs
     interleaved (baseline, mmcat, baseline, mmcat ...), the median of the per-pair ratios."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from suite import not_measured, paired, row
+    from suite import paired, row
 
     num = 96 if quick else 400
     work = work / f"n{num}"
@@ -124,8 +127,70 @@ def figures(work: Path, quick: bool = False, repeats: int = 3) -> dict:
     return {"rows": [
         row(f"loader, CPU default, {num} photos, {WORKERS} workers vs raw-folder Dataset", "samples/s", a, b, ratio,
             ">= 3x", at_least=3.0),
-        not_measured("loader worker RSS, dataset grown 10x", "flat",
-                     "no benchmark measures worker RSS yet")]}
+        worker_rss_row(work.parent, quick, tokenizer)]}
+
+
+RSS_SMALL, RSS_SIZE = 200, 64  # N products (the dataset grows to 10 N) and their photo side: small, so it is fast
+# the shuffle buffer holds up to data.shuffle_buffer decoded samples per worker: memory set by the config, not by
+# the dataset, but one of N = 200 (100 per worker) never fills the default 1000 while one of 10 N does. A buffer
+# both sizes fill compares what grows with the dataset, and only that
+RSS_SHUFFLE = 32
+
+
+def _children(parent: int) -> List[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:  # field 4, after "(comm)"
+                pids.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):  # the process ended meanwhile
+            continue
+    return pids
+
+
+def _worker_peaks(parent: int, peaks: Dict[int, int], others: set) -> None:
+    """Update ``peaks`` (pid -> kB) with the private resident memory (Private_Clean + Private_Dirty, the "USS") of
+    every child of ``parent`` not in ``others`` (those that ran before the loader: a forkserver, a resource
+    tracker), i.e. the DataLoader workers. Not VmRSS/VmHWM: a forked worker's RSS also counts the pages it still
+    shares with this process (~450 MB of torch and the tokenizer), which would hide a growth."""
+    for pid in set(_children(parent)) - others:
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        private = sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("Private_"))
+        peaks[pid] = max(peaks.get(pid, 0), private)
+
+
+def worker_peak_rss_mb(packed: Path, tokenizer: Any) -> float:
+    """Peak private resident memory (MB) of the most loaded DataLoader worker over one epoch of mmcat's train
+    loader, sampled at every batch."""
+    cfg = load_config(TrainRunConfig, None, [f"data.root={packed}", "output_dir=/unused", f"train.batch_size={BATCH}",
+                                             f"data.num_workers={WORKERS}", f"data.image_size={RSS_SIZE}",
+                                             f"data.max_text_length={MAX_LEN}", "data.uint8_pixels=false",
+                                             f"data.shuffle_buffer={RSS_SHUFFLE}"])
+    peaks: Dict[int, int] = {}
+    others = set(_children(os.getpid()))
+    timed_epoch(build_train_loader(cfg, tokenizer, 0, 1, 0).loader,
+                lambda _: _worker_peaks(os.getpid(), peaks, others))
+    if not peaks:
+        raise RuntimeError("no DataLoader worker process seen")
+    return max(peaks.values()) / 1024
+
+
+def worker_rss_row(work: Path, quick: bool, tokenizer: Any) -> Dict[str, Any]:
+    """Worker RSS flat as the dataset grows 10x: the peak of N products vs 10 N (photos RSS_SIZE px), interleaved."""
+    from suite import paired, row
+
+    small = RSS_SMALL // 4 if quick else RSS_SMALL
+    packed = {n: prepare(work / f"rss{n}", n, False, side=RSS_SIZE) for n in (small, 10 * small)}
+    pairs = [(worker_peak_rss_mb(packed[10 * small], tokenizer), worker_peak_rss_mb(packed[small], tokenizer))
+             for _ in range(2)]
+    big, base, ratio = paired(pairs)
+    return row(f"loader worker peak private RSS, {10 * small:,} vs {small:,} products ({RSS_SIZE} px, "
+               f"{WORKERS} workers)",
+               "MB", big, base, ratio, "<= 1.1 (flat)", at_most=1.1,
+               note=f"private memory, shuffle buffer {RSS_SHUFFLE}")
 
 
 def main(argv: List[str] | None = None) -> int:

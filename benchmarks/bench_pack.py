@@ -1,5 +1,7 @@
 """Packing throughput: `mmcat pack --workers N` vs a naive PIL + webdataset.ShardWriter loop, and vs the
-measured single-core OpenCV decode+resize+encode rate x N (the ceiling for N worker processes).
+measured single-core OpenCV decode+resize+encode rate x N (the ceiling for N worker processes). The suite
+(``figures``, run by run_all.py) uses instead the limit measured as N OpenCV processes run at once
+(:func:`opencv_parallel_limit`).
 
     .venv/bin/python benchmarks/bench_pack.py [--num 2000] [--workers 2] [--image-size 256] [--data DIR]
 
@@ -66,13 +68,14 @@ def opencv_single_core_rate(paths, size: int) -> tuple[float, float]:
     return ours, plain
 
 
-def naive_baseline(table: Path, out: Path, size: int) -> float:
-    """Single process, PIL decode/resize/encode, webdataset.ShardWriter: what one writes first."""
+def naive_baseline(table: Path, out: Path, size: int, limit: int = 0) -> float:
+    """Single process, PIL decode/resize/encode, webdataset.ShardWriter: what one writes first. ``limit``: only the
+    first rows (one process at a steady per-photo cost: its rate needs no more, and it is the slow side)."""
     import webdataset as wds
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
-    rows = list(csv.DictReader(open(table)))
+    rows = list(csv.DictReader(open(table)))[:limit or None]
     labels = sorted({r["category"] for r in rows})
     t = time.perf_counter()
     with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=1000, verbose=0) as sink:
@@ -107,18 +110,23 @@ def _opencv_chunk(paths, size: int) -> int:
 
 
 def opencv_parallel_limit(paths, size: int, workers: int) -> float:
-    """Images/s of mmcat's decode+resize+encode path run by WORKERS processes at once: the real ceiling for
-    WORKERS pack workers on this machine (one core's rate x N overstates it where cores do not scale)."""
+    """Images/s of mmcat's own decode+resize+encode (:func:`mmcat.pack.images.process_image`: same reduced-scale
+    decode, same interpolation, same JPEG quality 90) run by WORKERS fresh processes at once: the ceiling for
+    WORKERS pack workers on this machine (one core's rate x N overstates it where cores do not scale).
+
+    Timed from starting the processes to the last photo, as ``mmcat pack`` is timed from its start: pack must start
+    its workers too, so a limit whose start-up is untimed would charge pack for work the limit skips. The limit
+    still does no table reading, no text, JSON or tar writing and no transfer of the bytes between processes:
+    that is the overhead the ratio shows."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     chunks = [list(map(str, paths[i::workers])) for i in range(workers)]
+    t = time.perf_counter()
     # spawn: a fork of a process whose OpenCV thread pool has run can hang
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-        list(ex.map(_opencv_chunk, [c[:2] for c in chunks], [size] * workers))  # start-up and imports, untimed
-        t = time.perf_counter()
         done = sum(ex.map(_opencv_chunk, chunks, [size] * workers))
-        return done / (time.perf_counter() - t)
+    return done / (time.perf_counter() - t)
 
 
 def figures(work: Path, quick: bool = False, repeats: int = 3, workers: int = 2, size: int = 256) -> dict:
@@ -129,13 +137,14 @@ def figures(work: Path, quick: bool = False, repeats: int = 3, workers: int = 2,
     from suite import paired, row
 
     num = 60 if quick else 600
+    naive_rows = num // 3  # the naive packer's rate on a third of the photos (see naive_baseline)
     table = make_input(work / f"raw{num}", num)
     paths = sorted((table.parent / "images").glob("*.jpg"))
     vs_naive, vs_limit = [], []
     for r in range(repeats):  # A B A B: naive, limit, mmcat under the same load
         for d in ("naive", "mmcat"):
             shutil.rmtree(work / d, ignore_errors=True)
-        naive = naive_baseline(table, work / "naive", size)
+        naive = naive_baseline(table, work / "naive", size, naive_rows)
         limit = opencv_parallel_limit(paths, size, workers)
         ours = mmcat_pack(table, work / "mmcat", size, workers)
         vs_naive.append((ours, naive))
@@ -143,10 +152,10 @@ def figures(work: Path, quick: bool = False, repeats: int = 3, workers: int = 2,
     a, b, ratio = paired(vs_naive)
     c, d, ratio2 = paired(vs_limit)
     return {"rows": [
-        row(f"pack --workers {workers}, {num} photos 800x600 -> {size} px vs naive PIL + ShardWriter", "img/s",
-            a, b, ratio, ">= 2x", at_least=2.0),
-        row(f"pack --workers {workers} vs OpenCV decode+resize+encode, {workers} processes at once", "img/s",
-            c, d, ratio2, ">= 0.85", at_least=0.85)]}
+        row(f"pack --workers {workers}, {num} photos 800x600 -> {size} px vs naive PIL + ShardWriter "
+            f"({naive_rows} photos)", "img/s", a, b, ratio, ">= 2x", at_least=2.0),
+        row(f"pack --workers {workers} vs OpenCV decode+resize+encode, {workers} processes at once, each timed "
+            "from its start", "img/s", c, d, ratio2, ">= 0.85", at_least=0.85)]}
 
 
 def main() -> None:

@@ -154,6 +154,44 @@ def median_of(runs: List[Dict[str, float]]) -> Dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
+def figures(work: Path, quick: bool = False, repeats: int = 3) -> dict:
+    """The suite's rows, time-boxed: the untrained ResNet-18 @64 + tiny BERT model of the predict benchmark
+    (reused from ``work/../predict`` when it ran first), its 64-128 px products, both servers started at once,
+    fewer requests; on and off alternated, the median of the per-pair ratios. The full measurement (a trained
+    model, 256-512 px photos, 300 requests) stays ``main()`` (BENCHMARKS.md section 5)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_predict import synth, untrained_model
+    from suite import paired, row
+
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request once an earlier benchmark logs INFO
+    num, requests = (48, 16) if quick else (96, 48)
+    table = synth(work.parent / "predict" / f"raw{num}", num, 64, 128)
+    products = load_products(table)
+    labels = sorted({p["category"] for p in products})
+    model = untrained_model(work.parent / "predict" / "models", "resnet18", 64, "tiny", labels)
+    servers = {name: Server(name, model, "cpu", None, work / f"serve-{name}.log") for name in SETTINGS}
+    pairs: Dict[int, List[Tuple[Dict[str, float], Dict[str, float]]]] = {16: [], 1: []}
+    try:
+        for s in servers.values():
+            s.wait_healthy()
+        for _ in range(repeats):
+            for c, n in ((16, requests), (1, requests // 2)):
+                pairs[c].append((measure(servers["on"], products, n, c), measure(servers["off"], products, n, c)))
+    finally:
+        for s in servers.values():
+            s.stop()
+    rps = paired([(on["rps"], off["rps"]) for on, off in pairs[16]])
+    p50 = paired([(on["p50"], off["p50"]) for on, off in pairs[1]])
+    what = f"{num} products 64-128 px, untrained ResNet-18 @64 + tiny BERT"
+    return {"rows": [
+        row(f"serve, micro-batching on vs off, concurrency 16, {requests} requests, {what}", "req/s", *rps,
+            "report only"),
+        row(f"serve, on vs off at concurrency 1, {requests // 2} requests (p50 latency)", "ms", *p50,
+            "<= 1.1 (no added latency)", at_most=1.1)]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="an existing best/ (default: train a small one in --work)")

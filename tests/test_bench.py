@@ -43,3 +43,41 @@ def test_suite_plan_rows_compare_ten_times_the_rows(tmp_path: Path) -> None:
         assert r["met"] == (r["ratio"] <= 10.0) and r["target"] == "<= ~10x"
     # 10x the rows hold more memory than 1x (VmHWM of each planning child, not the parent's ru_maxrss)
     assert rows[1]["ratio"] > 1.0
+
+
+def _cells(line: str) -> list:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_run_all_quick_table_and_json_agree(tmp_path: Path) -> None:
+    """The real runner, tiny sizes, on the benchmarks that fit a test's time (the others' ``figures(quick=True)``
+    are the same code path; ``make bench`` runs them all): every benchmark has rows with figures, the ratio printed
+    is mmcat / baseline, the JSON says when, where and with what it was measured."""
+    only = ["pack", "plan"]
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "benchmarks/run_all.py", "--quick", "--only", ",".join(only), "--json",
+                           str(out), "--work", str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    import datetime as dt
+
+    assert dt.datetime.fromisoformat(r["date"]).tzinfo is not None and r["quick"] is True and r["repeats"] == 1
+    m = r["machine"]
+    assert m["cpu_count"] >= 1 and m["cpu_model"] and m["python"] and m["torch"] and m["mmcat"]
+    assert m["load_average_start"] >= 0 and m["load_average_end"] >= 0
+    assert list(r["seconds"]) == only and all(s > 0 for s in r["seconds"].values())
+    assert math.isclose(r["total_seconds"], sum(r["seconds"].values()))
+    assert {row["benchmark"] for row in r["rows"]} == set(only)
+    printed = {_cells(line)[0]: _cells(line) for line in proc.stdout.splitlines()
+               if line.startswith("| ") and not line.startswith("| measure")}
+    for row in r["rows"]:
+        assert row["mmcat"] > 0 and row["baseline"] > 0, row  # measured, not "not measured"
+        assert math.isclose(row["ratio"], row["mmcat"] / row["baseline"]), row  # one pair: its ratio
+        cells = printed[row["measure"] + (f" ({row['note']})" if row["note"] else "")]
+        mmcat, baseline, ratio = (float(c) for c in cells[2:5])
+        assert math.isclose(ratio, mmcat / baseline, rel_tol=0.02), cells  # as printed (3 significant digits)
+        assert cells[6] == {True: "yes", False: "**no**", None: "—"}[row["met"]]
+    assert len(printed) == len(r["rows"])
+    footer = next(line for line in proc.stdout.splitlines() if line.startswith("wall time:"))
+    assert all(f"{name} " in footer for name in only) and f"total {sum(r['seconds'].values()):.0f} s" in footer

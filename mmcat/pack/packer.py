@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import shutil
+from collections import deque
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Deque, Dict, Iterator, List, Tuple
 
 import cv2
 from tqdm import tqdm
@@ -133,7 +134,7 @@ def _prepare_state(layout: Layout, run_settings: dict, resume: bool, splits: Lis
 
 class Pending:
     """The tasks still to process, in writing order (split by split): made lazily from the columnar plan, so a
-    run of millions of rows never holds a Task per row. Iterating twice makes the same tasks again."""
+    run of millions of rows never holds a Task per row. Iterate it once: a second pass makes every Task again."""
 
     def __init__(self, plan: Plan, rows: Dict[str, "object"], start: Dict[str, int]):
         self.plan, self.rows, self.start = plan, rows, start  # rows: split -> owned rows; start: first position
@@ -148,10 +149,28 @@ class Pending:
                 yield split, pos, task
 
 
-def _results(todo: Pending, settings: ImageSettings, workers: int, downloads: DownloadSettings) -> Iterator[Result]:
-    """Results in ``todo`` order; URL photos are downloaded by threads of this process ahead of their turn
-    (:class:`mmcat.pack.download.Prefetch`), local ones are read where they are processed."""
-    tasks = (t for _, _, t in todo)
+def _results(todo: Pending, settings: ImageSettings, workers: int, downloads: DownloadSettings
+             ) -> Iterator[Tuple[str, int, Task, Result]]:
+    """``(split, position, task, result)`` in ``todo`` order; URL photos are downloaded by threads of this process
+    ahead of their turn (:class:`mmcat.pack.download.Prefetch`), local ones are read where they are processed.
+
+    ``todo`` is read in one pass (each Task is made once): the entries handed to the workers wait in a queue and
+    are paired with their results, which come back in the same order."""
+    handed_out: Deque[Tuple[str, int, Task]] = deque()  # handed out, not yet written: as many as before (pipe, workers)
+
+    def tasks() -> Iterator[Task]:  # pulled by Prefetch (from the pool's task thread when workers > 1)
+        for entry in todo:
+            handed_out.append(entry)
+            yield entry[2]
+
+    for result in _processed(tasks(), todo, settings, workers, downloads):
+        split, pos, task = handed_out.popleft()
+        yield split, pos, task, result
+
+
+def _processed(tasks: Iterator[Task], todo: Pending, settings: ImageSettings, workers: int,
+               downloads: DownloadSettings) -> Iterator[Result]:
+    """The results of ``tasks`` in their order, in this process or in a pool of ``workers`` processes."""
     any_url = todo.plan.has_urls()
     window = 4 * downloads.threads  # downloads running ahead of the task being processed
     if workers <= 1 or len(todo) < 2:
@@ -231,8 +250,8 @@ def pack(cfg) -> dict:
     image_settings = ImageSettings(cfg.image_size, cfg.resize_mode, cfg.jpeg_quality, cfg.max_image_pixels,
                                    cfg.max_image_bytes)
     with tqdm(total=len(todo), unit="img", desc="pack", disable=None) as bar:
-        for (split, pos, task), result in zip(todo, _results(todo, image_settings, cfg.workers,
-                                                             DownloadSettings.from_config(cfg))):
+        for split, pos, task, result in _results(todo, image_settings, cfg.workers,
+                                                 DownloadSettings.from_config(cfg)):
             writers[split].add(pos, task.key, result)
             bar.update(1)
     for split, writer in writers.items():
