@@ -7,6 +7,7 @@ STAMP  := $(VENV)/.mmcat-installed
 DEMO   ?= demo
 DEMO_PRODUCTS ?= 900
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 
 .PHONY: demo test venv bench clean
 
@@ -30,8 +31,11 @@ demo: $(STAMP)
 
 # The SLURM tests' session fixture installs (apt-get, root) and starts the local cluster only when they run:
 # a selection such as PYTEST_ARGS='-m "not slurm"' installs nothing.
+# Two pytest workers (pytest-xdist): most tests wait on subprocesses, servers and daemons as much as they compute.
+# One torch thread per worker, so two workers share the cores instead of oversubscribing them; --dist loadgroup
+# keeps each xdist_group (the one local SLURM cluster) on one worker. TEST_WORKERS=0 runs in this process.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

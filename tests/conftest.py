@@ -26,6 +26,28 @@ def pack_config(input: Path, out: Path, **kw) -> PackConfig:
     return load_config(PackConfig, None, values={"input": str(input), "out": str(out), **kw})
 
 
+def kill_pack_after(cmd, out: Path, shards: int, split: str = "train", timeout: float = 60.0) -> Path:
+    """Start the ``mmcat pack`` command ``cmd`` writing to ``out``, SIGKILL it as soon as ``shards`` finished-shard
+    records of ``split`` exist (a crash mid-run, nothing flushed or cleaned up), and return that split's state
+    folder. Fails when the pack ended by itself first: then the resume test would prove nothing."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    state = out / ".pack-state" / "all" / split
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_dir() and len(list(state.glob("*.json"))) >= shards:
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, (
+        f"packing ended (exit {proc.returncode}) before it could be killed: {err.decode()[-2000:]}")
+    return state
+
+
 @pytest.fixture(scope="session")
 def tiny_raw_dataset(tmp_path_factory) -> Path:
     from mmcat.synth import synthesize

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import pytest
 from mmcat.config import ConfigError
 from mmcat.tarkeys import tar_sample_keys
 
-from conftest import pack_config, synth_config
+from conftest import kill_pack_after, pack_config, synth_config
 
 
 def _files(root: Path) -> dict:
@@ -38,16 +36,7 @@ def test_sigkill_then_resume_gives_every_row_exactly_once(raw: Path, tmp_path: P
                                  labels=str(raw / "labels.txt")))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "mmcat", "pack", str(raw / "products.csv"), "--out", str(out), *common]
-    proc = subprocess.Popen(cmd + ["--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    state = out / ".pack-state" / "all" / "train"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.is_dir() and len(list(state.glob("*.json"))) >= 2:
-            break
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "packing finished before it could be killed"
+    state = kill_pack_after(cmd + ["--workers", "2"], out, shards=2)
     assert not (out / "manifest.json").exists()
     done_before = len(list(state.glob("*.json")))
     assert 2 <= done_before < len(reference["splits"]["train"]["shards"])

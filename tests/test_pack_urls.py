@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from conftest import pack_config
+from conftest import kill_pack_after, pack_config
 
 COLUMNS = ["id", "image", "title", "description", "category"]
 BIG = 64 << 20  # what the oversized responses would send if the client read them to the end
@@ -374,16 +373,7 @@ def test_resume_does_not_download_the_finished_shards_again(server: Server, tmp_
            "--download-timeout", "60"]
     server.reset_log()
     server.hold_after = 12  # the interrupted run gets 12 photos, then waits on the server until it is killed
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    state = out / ".pack-state" / "all" / "train"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.is_dir() and len(list(state.glob("*.json"))) >= 3:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    state = kill_pack_after(cmd, out, shards=3)
     records = [json.loads(p.read_text()) for p in sorted(state.glob("*.json"))]
     done_ids = {json.loads(s["json"])["id"] for s in wds.DataPipeline(
         wds.SimpleShardList([str(out / "train" / r["name"]) for r in records]), wds.tarfile_to_samples())}

@@ -25,7 +25,7 @@ import webdataset as wds
 
 from train_helpers import assert_same_run, free_port, metrics, run, sizes, torchrun_cmd, write_config
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SLURM = REPO / "tools" / "local_slurm.sh"
