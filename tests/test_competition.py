@@ -62,7 +62,7 @@ def _train_shipped(tmp: Path, data: Path, name: str, *overrides: str) -> Path:
     run(mmcat_cmd("train", "--config", "tiny_cpu", f"data.root={data}", f"output_dir={tmp / name}",
                   "data.image_size=48", "train.epochs=8", "train.batch_size=24", "data.max_text_length=24",
                   "train.lr_image=5e-4",
-                  *overrides), env=child_env())
+                  *overrides), env=child_env(), timeout=1500)  # 8 epochs of MiniLM on one thread of a shared core
     return tmp / name
 
 
@@ -78,6 +78,7 @@ def _tb_texts(run_dir: Path) -> list:
     return out
 
 
+@pytest.mark.timeout(3000)  # two 8-epoch trainings: the longest test, on one core under make test's two workers
 def test_image_half_learns_with_the_default_recipe_and_not_without(easy_text_data, tmp_path):
     default = metrics(_train_shipped(tmp_path, easy_text_data, "default"))
     off = metrics(_train_shipped(tmp_path, easy_text_data, "off", "model.aux_loss_weight=0",
