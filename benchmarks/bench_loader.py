@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
+import psutil
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -137,29 +138,18 @@ RSS_SMALL, RSS_SIZE = 200, 64  # N products (the dataset grows to 10 N) and thei
 RSS_SHUFFLE = 32
 
 
-def _children(parent: int) -> List[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:  # field 4, after "(comm)"
-                pids.append(int(stat.parent.name))
-        except (OSError, ValueError, IndexError):  # the process ended meanwhile
+def _worker_peaks(peaks: Dict[int, int], others: set) -> None:
+    """Update ``peaks`` (pid -> bytes) with the private resident memory (psutil's USS: Private_Clean +
+    Private_Dirty) of every child of this process not in ``others`` (those that ran before the loader: a
+    forkserver, a resource tracker), i.e. the DataLoader workers. Not RSS: a forked worker's RSS also counts the
+    pages it still shares with this process (~450 MB of torch and the tokenizer), which would hide a growth."""
+    for child in psutil.Process().children():
+        if child.pid in others:
             continue
-    return pids
-
-
-def _worker_peaks(parent: int, peaks: Dict[int, int], others: set) -> None:
-    """Update ``peaks`` (pid -> kB) with the private resident memory (Private_Clean + Private_Dirty, the "USS") of
-    every child of ``parent`` not in ``others`` (those that ran before the loader: a forkserver, a resource
-    tracker), i.e. the DataLoader workers. Not VmRSS/VmHWM: a forked worker's RSS also counts the pages it still
-    shares with this process (~450 MB of torch and the tokenizer), which would hide a growth."""
-    for pid in set(_children(parent)) - others:
         try:
-            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-        except OSError:
+            peaks[child.pid] = max(peaks.get(child.pid, 0), child.memory_full_info().uss)
+        except psutil.Error:  # the worker ended meanwhile
             continue
-        private = sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("Private_"))
-        peaks[pid] = max(peaks.get(pid, 0), private)
 
 
 def worker_peak_rss_mb(packed: Path, tokenizer: Any) -> float:
@@ -170,12 +160,12 @@ def worker_peak_rss_mb(packed: Path, tokenizer: Any) -> float:
                                              f"data.max_text_length={MAX_LEN}", "data.uint8_pixels=false",
                                              f"data.shuffle_buffer={RSS_SHUFFLE}"])
     peaks: Dict[int, int] = {}
-    others = set(_children(os.getpid()))
+    others = {p.pid for p in psutil.Process().children()}
     timed_epoch(build_train_loader(cfg, tokenizer, 0, 1, 0).loader,
-                lambda _: _worker_peaks(os.getpid(), peaks, others))
+                lambda _: _worker_peaks(peaks, others))
     if not peaks:
         raise RuntimeError("no DataLoader worker process seen")
-    return max(peaks.values()) / 1024
+    return max(peaks.values()) / 2**20
 
 
 def worker_rss_row(work: Path, quick: bool, tokenizer: Any) -> Dict[str, Any]:

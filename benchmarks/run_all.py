@@ -5,7 +5,7 @@
 Each benchmark's ``figures()`` runs mmcat and its baseline interleaved (A B A B ...) and reports the median of the
 per-pair ratios, so that load from other processes on a shared machine hits both sides alike. The budget for the
 default sizes is 10 minutes on 2 CPU cores (each benchmark's wall time and the total are printed under the table;
-13.5 min on 2026-11-26 with other users' jobs running); ``--quick`` uses tiny sizes (a check that the suite
+4.5 min on an idle machine on 2026-11-26, 13.5-19 min while other jobs shared it); ``--quick`` uses tiny sizes (a check that the suite
 runs, not figures to quote). Results also go to benchmarks/results/<UTC date>.json (date, machine, versions, every row).
 Not a test: a target not met does not fail the run (exit 0); a benchmark that crashes is reported and exits 1.
 """
