@@ -1,13 +1,14 @@
 """GPU training throughput through mmcat's real loader, vs the same model on in-memory tensors (no I/O).
 
     python benchmarks/bench_gpu.py [--compile] [--batch 256] [--steps 300] [--products 20000] [--workers 8]
-                                   [--decode-on cpu|device] [--work DIR] [--json PATH]
+                                   [--decode-on cpu|device] [--data PACKED] [--work DIR] [--json PATH]
     python benchmarks/bench_gpu.py --smoke          # tiny sizes on the CPU: checks that the script runs
 
 Model: the ResNet-50 + BERT-base *architecture* (random weights: no hub needed; BertConfig() defaults are
 bert-base), gated fusion, 224 px, text 64 tokens, channels-last, bf16 autocast, AdamW (fused on CUDA),
-optionally ``torch.compile``. Data: ``mmcat synth`` products packed with ``mmcat pack`` (256 px), read by
-``build_train_loader`` with uint8 pixels (normalised on the device), epochs cycled until --steps are done.
+optionally ``torch.compile``. Data: ``mmcat synth`` products packed with ``mmcat pack`` (256 px), or a packed
+folder of your own (``--data``), read as the trainer reads it (one ``PersistentTrainLoader``: the workers live
+across epochs) with uint8 pixels (normalised on the device), epochs cycled until --steps are done.
 ``--decode-on device`` (``data.decode_on=device``): the workers only batch the JPEG bytes and each step first
 decodes + augments them on the device (``mmcat.data.device_decode.decode_batch``, nvjpeg on a GPU), inside the
 timed step as in the trainer; run once with each value (same --work, same machine) to compare the two.
@@ -80,13 +81,17 @@ def text_model(work: Path, smoke: bool) -> str:
 
 
 def batches(cfg: Any, tokenizer: Any) -> Iterator[Dict[str, Any]]:
-    """mmcat's real training loader, epoch after epoch."""
-    from mmcat.data import build_train_loader
+    """mmcat's real training loader, epoch after epoch, as the trainer uses it: one loader whose workers persist
+    (a small data set would otherwise pay the workers' start-up every few steps)."""
+    from mmcat.data import PersistentTrainLoader
 
-    epoch = 0
-    while True:
-        yield from build_train_loader(cfg, tokenizer, 0, 1, epoch).loader
-        epoch += 1
+    loader, epoch = PersistentTrainLoader(), 0
+    try:
+        while True:
+            yield from loader(cfg, tokenizer, 0, 1, epoch).loader
+            epoch += 1
+    finally:  # the generator is closed (or collected): stop the workers
+        loader.close()
 
 
 def run(model: Any, optimizer: Any, source: Iterator[Dict[str, Any]], steps: int, warmup: int,
@@ -150,6 +155,8 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--decode-on", choices=("cpu", "device"), default="cpu",
                     help="data.decode_on: JPEG decode + augmentation in the loader workers or on the device")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="a packed folder to read (its train split) instead of synthesizing and packing --products")
     ap.add_argument("--work", type=Path, default=None, help="keep generated data here (reused when present)")
     ap.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/gpu-<UTC time>.json")
     args = ap.parse_args(argv)
@@ -162,7 +169,7 @@ def main(argv: Optional[list] = None) -> int:
     tmp = None if args.work else tempfile.TemporaryDirectory(prefix="bench_gpu_")
     work = args.work or Path(tmp.name)
     work.mkdir(parents=True, exist_ok=True)
-    packed = prepare(work, args.products, 32 if args.smoke else 256, args.smoke)
+    packed = args.data or prepare(work, args.products, 32 if args.smoke else 256, args.smoke)
 
     from mmcat.config import TrainRunConfig, load_config
     from mmcat.models import build_model, load_tokenizer

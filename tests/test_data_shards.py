@@ -13,8 +13,8 @@ from _shards import LABELS, write_img2dataset, write_packed, write_split
 from mmcat.config import TrainRunConfig, load_config
 from mmcat.data import DataError, label_counts, read_labels, split_sizes
 from mmcat.data.samples import BadSample, LabelReader, decode_image
-from mmcat.data.transforms import (IMAGENET_MEAN, color_jitter, eval_view, random_resized_crop_box, to_pixel_values,
-                                   train_view)
+from mmcat.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, color_jitter, eval_view, random_resized_crop_box,
+                                   to_pixel_values, train_view)
 from mmcat.images import jpeg_size
 
 
@@ -116,6 +116,14 @@ def test_transforms_shapes_determinism_and_normalisation():
     assert u.dtype == torch.uint8 and torch.equal(u[0, :, 0, 0], torch.from_numpy(flat[0, 0, 0]))
     from mmcat.models.image import ImageEncoder
 
+    assert torch.all(u[1] == 0)  # the row without an image is zeroed in the uint8 path too
+    rand = np.random.default_rng(0).integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)  # any values, not only the mean
+    has = torch.tensor([True, False, True])
+    got = to_pixel_values(rand.copy(), has, normalize=True)
+    ref = (torch.from_numpy(rand).float() / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert torch.allclose(got[[0, 2]], ref[[0, 2]].permute(0, 3, 1, 2), atol=1e-5) and torch.all(got[1] == 0)
+    assert torch.equal(to_pixel_values(rand.copy(), has, normalize=False)[[0, 2]],
+                       torch.from_numpy(rand[[0, 2]]).permute(0, 3, 1, 2))
     enc = ImageEncoder("resnet18", "none")
     assert torch.allclose(enc.normalize(u[:1]), x[:1], atol=1e-5)  # both paths feed the ResNet the same input
     assert torch.equal(enc.normalize(x), x)  # float input is taken as normalised already (cast only)

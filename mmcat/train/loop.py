@@ -408,6 +408,8 @@ class Trainer:
             logs["train/grad_norm"] = float(grad_norm)
         logs.update({f"train/aux_loss/{k}": v for k, v in self._aux_mean.items()})
         logs.update(perf_scalars(self._flops_per_sample or 0.0, rate, self.accelerator.num_processes, self._peak))
+        if self.accelerator.device.type == "cuda":  # what the run needs of the card, for sizing batches and ZeRO stages
+            logs["perf/peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
         if self.cfg.train.compile:  # recompiles show up as a growing count
             logs["perf/compiled_graphs"] = compiled_graphs()
         logs.update({f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)})

@@ -1,0 +1,20 @@
+#!/bin/bash
+# The GPU checks of issue 15 in one script (device tool). Results under $OUT.
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+T0=$(date +%s); el(){ echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+el setup done
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, torchvision, cv2, transformers, accelerate, deepspeed, webdataset; print(torch.__version__, torchvision.__version__, cv2.__version__, transformers.__version__, accelerate.__version__, deepspeed.__version__)" 2>&1 | tail -2
+W=/tmp/work; mkdir -p $W; cp -r .gpu/bert_base $W/; PK=$PWD/.gpu/packed
+B="python3 benchmarks/bench_gpu.py --data $PK --work $W --batch 256 --workers 14 --steps ${STEPS:-140} --warmup 20"
+el bench eager; timeout 150 $B --json $OUT/bench_eager.json 2>&1 | grep -v Warning
+el bench decode-on device; timeout 120 $B --decode-on device --json $OUT/bench_device.json 2>&1 | grep -v Warning
+TR="-m mmcat train --config configs/resnet50_bert_base.yaml data.root=$PK model.image.weights=none model.text.name=$W/bert_base model.text.pretrained=false data.max_text_length=64 data.num_workers=12 train.batch_size=128 train.max_steps=${TSTEPS:-150} train.eval_every=100000 train.save_every=100000 train.log_every=10 train.freeze_backbones_steps=0 train.warmup_steps=10"
+el train single_gpu bf16; timeout 120 accelerate launch --config_file launch/single_gpu.yaml $TR output_dir=/tmp/runs/single_gpu 2>&1 | grep -v Warning | tail -15
+el train zero2 bf16; timeout 120 accelerate launch --config_file launch/deepspeed_zero2.yaml --num_processes 1 $TR output_dir=/tmp/runs/zero2 2>&1 | grep -v Warning | tail -15
+el train zero3 bf16; timeout 120 accelerate launch --config_file launch/deepspeed_zero3.yaml --num_processes 1 $TR output_dir=/tmp/runs/zero3 2>&1 | grep -v Warning | tail -15
+python3 .gpu/summarize.py $OUT/train_summary.json /tmp/runs/* 2>&1 | tail -60
+el bench compile; timeout 200 $B --compile --json $OUT/bench_compile.json 2>&1 | grep -v Warning
+el end
