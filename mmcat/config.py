@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.nodes import EnumNode
 from omegaconf.errors import OmegaConfBaseException
 
 from mmcat.errors import ConfigError  # noqa: F401  -- raised here; importable from here as before
@@ -303,7 +304,7 @@ def load_config(
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override '{item}' is not key=value")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            cfg = OmegaConf.merge(cfg, _enum_words(cfg, OmegaConf.from_dotlist([item])))
         for key, value in (values or {}).items():
             OmegaConf.update(cfg, key, value, merge=False)
         if require_complete:
@@ -336,11 +337,33 @@ def _config_file(path: str | Path) -> Path:
 
 def _merge_file(cfg: DictConfig, p: Path) -> DictConfig:
     try:
-        return OmegaConf.merge(cfg, OmegaConf.load(p))
+        return OmegaConf.merge(cfg, _enum_words(cfg, OmegaConf.load(p)))
     except OmegaConfBaseException as exc:
         raise _fail(exc) from None
     except Exception as exc:  # YAML syntax errors and the like
         raise ConfigError(f"config file {p}: {str(exc).splitlines()[0]}") from None
+
+
+# YAML 1.1 reads these words as booleans; an Enum key whose choices include one of them gets the word back
+_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
+def _enum_words(cfg: DictConfig, incoming: Any) -> Any:
+    """``incoming`` with a boolean under an Enum key turned back into the word it was written as:
+    ``train.precision=no`` (or ``precision: no`` in a file) parses as False, which no Enum accepts."""
+    if not isinstance(incoming, DictConfig) or not isinstance(cfg, DictConfig):
+        return incoming
+    for key in list(incoming.keys()):
+        node = cfg._get_node(key) if key in cfg else None
+        value = incoming._get_node(key)
+        if isinstance(node, EnumNode) and isinstance(value._value(), bool):
+            words = {m.value for m in node.enum_type if isinstance(m.value, str)}
+            word = next((w for w in _BOOL_WORDS[value._value()] if w in words), None)
+            if word is not None:
+                incoming[key] = word
+        elif isinstance(node, DictConfig):
+            _enum_words(node, value)
+    return incoming
 
 
 # numeric keys and their valid range (dotted path relative to the schema root): (low, high, bounds), where None is

@@ -30,6 +30,19 @@ def test_bad_keys_and_values_name_the_key(overrides, key):
     assert f"'{key}'" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_precision_no_is_the_word_not_a_yaml_boolean(tmp_path):
+    """YAML 1.1 reads `no` as False; `train.precision=no` (the documented value) must still mean no mixed precision,
+    from the command line and from a file, after a file that said bf16."""
+    assert load_config(TrainRunConfig, ROOT / "configs/resnet50_bert_base.yaml",
+                       ["data.root=/d", "output_dir=/o", "train.precision=no"]).train.precision.value == "no"
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  precision: no\n  batch_size: 4\n")
+    assert load_config(TrainRunConfig, f, ["data.root=/d", "output_dir=/o"]).train.precision.value == "no"
+    with pytest.raises(ConfigError) as err:  # `yes` is no precision: still refused in one line naming the key
+        load_config(TrainRunConfig, None, ["data.root=/d", "output_dir=/o", "train.precision=yes"])
+    assert "'train.precision'" in str(err.value)
+
+
 def test_missing_required_key():
     with pytest.raises(ConfigError, match="'output_dir' is required"):
         load_config(TrainRunConfig, None, ["data.root=/d"])

@@ -55,7 +55,8 @@ from torch.utils.data import DataLoader, get_worker_info
 from mmcat.data.device_decode import ViewSpec, raw_image
 from mmcat.data.samples import IMAGE_EXTS, BadSample, BadSampleCounter, LabelReader, decode_image, parse_sample
 from mmcat.data.shards import ShardSource, all_shards, read_labels, shard_sources, total_samples
-from mmcat.data.transforms import eval_view, to_pixel_values, train_view
+from mmcat.data.tarstream import tarfile_samples
+from mmcat.data.transforms import batch_buffer, eval_view, to_pixel_values, train_view
 from mmcat.hashing import stable_seed
 from mmcat.errors import DataError
 from mmcat.modalities import training_modalities
@@ -227,8 +228,7 @@ class _Samples:
         read, empty_in_a_row = 0, 0
         for url in urls:
             got = 0
-            for sample in wds.tarfile_samples(iter([{"url": url}]), handler=self.counter.handler,
-                                              select_files=self.members):
+            for sample in tarfile_samples(url, self.counter.handler, self.members):  # webdataset's, faster
                 got += 1
                 yield sample
             read += got
@@ -298,7 +298,9 @@ class Collate:
             images = {"image_bytes": [s["raw"] for s in samples], "image_seeds": [s["seed"] for s in samples],
                       "image_urls": [s["url"] for s in samples], "view": self.device_view}
         else:
-            pixels = np.zeros((len(samples), self.size, self.size, 3), np.uint8)
+            shape = (len(samples), self.size, self.size, 3)  # rows without an image: zeroed by to_pixel_values
+            # uint8 out of the worker: fill the shared-memory batch itself; float: a scratch array, normalised
+            pixels = np.empty(shape, np.uint8) if self.normalize else batch_buffer(shape, torch.uint8).numpy()
             for i, s in enumerate(samples):
                 if s["pixels"] is not None:
                     pixels[i] = s["pixels"]

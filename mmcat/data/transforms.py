@@ -27,6 +27,9 @@ EVAL_CROP_FRACTION = 0.875
 JITTER = 0.2  # "light" colour jitter: factors drawn from [1 - JITTER, 1 + JITTER]
 
 Box = Tuple[int, int, int, int]  # top, left, height, width
+# ImageNet normalisation of every uint8 value, per channel: [256, 1, 3] float32 for cv2.LUT
+_NORMALIZE_LUT = np.stack([(np.arange(256) / 255.0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)],
+                          axis=1).astype(np.float32).reshape(256, 1, 3)
 
 
 def random_resized_crop_box(height: int, width: int, rng: random.Random, scale: Tuple[float, float] = (0.08, 1.0),
@@ -101,13 +104,23 @@ def to_pixel_values(images: np.ndarray, has_image: torch.Tensor, normalize: bool
             x[missing] = 0
         return x.permute(0, 3, 1, 2)
     b, h, w, c = images.shape
-    # x * 1/(255 std) - mean/std per channel in two OpenCV passes over the (B*H, W, 3) view: ~2x faster than
-    # torch's uint8 -> float32 + addcmul on one core, which matters in the CPU default mode (normalise in workers)
-    scale = tuple(1.0 / (255.0 * s) for s in IMAGENET_STD) + (0.0,)
-    shift = tuple(m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)) + (0.0,)
-    flat = cv2.multiply(images.reshape(b * h, w, c), scale, dtype=cv2.CV_32F)
-    cv2.subtract(flat, shift, dst=flat)
-    x = torch.from_numpy(flat.reshape(b, h, w, c))
+    x = batch_buffer((b, h, w, c), torch.float32)
+    # one table lookup per value (uint8 -> float32, per channel) over the (B*H, W, 3) view: one pass, ~3x faster
+    # than torch's uint8 -> float32 + addcmul on one core, which matters in the CPU default mode (normalise in
+    # the workers); the table is exact to float32 rounding
+    cv2.LUT(images.reshape(b * h, w, c), _NORMALIZE_LUT, dst=x.numpy().reshape(b * h, w, c))
     if missing.numel():
         x[missing] = 0.0
     return x.permute(0, 3, 1, 2)
+
+
+def batch_buffer(shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised batch tensor; in a DataLoader worker, in shared memory from the start, as torch's own
+    ``default_collate`` does: the worker then hands the batch over without copying it into shared memory first
+    (a 19 MB copy per float32 batch of 32 x 224 px, on top of the page faults of a fresh segment)."""
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    return torch.empty(0, dtype=dtype).new(storage).resize_(*shape)
