@@ -1,4 +1,9 @@
-"""Summarize mmcat train runs on the GPU: python .gpu/summarize.py OUT.json RUN_DIR..."""
+"""Throughput and memory of mmcat train runs, from their TensorBoard logs (benchmarks/gpu_checks.sh):
+
+    python benchmarks/summarize_runs.py OUT.json RUN_DIR...
+
+Per run: medians from step 30 of train/samples_per_s, perf/mfu and train/data_wait_fraction, the largest
+perf/peak_gpu_memory_gb, the first and last train/loss, FLOPs per sample, and whether best/ was exported."""
 import json, statistics, sys
 from pathlib import Path
 from mmcat.report.runlogs import read_scalars
