@@ -1,12 +1,13 @@
 """``train.report_to``: several experiment trackers at once (mmcat.train.trackers). A real tiny training run through
-the CLI logs to TensorBoard and MLflow's local file store (offline; RUN/mlruns by default), stopped half-way and
-resumed; both trackers must then hold the same content, and the MLflow run must be the one run, continued."""
+the CLI logs to TensorBoard, MLflow's local file store (offline; RUN/mlruns by default) and wandb in offline mode
+(RUN/wandb), stopped half-way and resumed; all three must then hold the same content, and the MLflow run and the
+wandb run must each be the one run, continued."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Dict
+from typing import Any, Dict, List, Tuple
 
 import cv2
 import numpy as np
@@ -20,18 +21,19 @@ EVAL_EVERY, STEPS = 2, 4  # optimizer steps (batches of 16 of tiny_packed_datase
 
 
 def _offline_env() -> Dict[str, str]:
-    """No user MLflow/wandb settings leak in: the run must choose RUN/mlruns itself."""
-    return {k: v for k, v in child_env().items() if not k.startswith(("MLFLOW_", "WANDB_"))}
+    """No user MLflow/wandb settings leak in: the run must choose RUN/mlruns and RUN/wandb itself; wandb offline."""
+    env = {k: v for k, v in child_env().items() if not k.startswith(("MLFLOW_", "WANDB_"))}
+    return {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
 @pytest.fixture(scope="module")
 def tracked_run(tiny_packed_dataset, tiny_text, tmp_path_factory) -> Path:
-    """4 steps (evaluations at steps 2 and 4) to TensorBoard and MLflow: stopped after step 2 (exit 75), then
+    """4 steps (evaluations at steps 2 and 4) to TensorBoard, MLflow and wandb: stopped after step 2 (exit 75), then
     resumed with train.resume=latest and without the stop -- a setting a resume may change, which the MLflow run
     already holds as a parameter (MLflow parameters cannot change)."""
     work = tmp_path_factory.mktemp("tracked")
     cfg = write_config(work / "train.yaml", tiny_text, tiny_packed_dataset, work / "run",
-                       train__report_to=["tensorboard", "mlflow"], train__max_steps=STEPS,
+                       train__report_to=["tensorboard", "mlflow", "wandb"], train__max_steps=STEPS,
                        train__eval_every=EVAL_EVERY, train__save_every=EVAL_EVERY, train__resume="latest")
     cmd = mmcat_cmd("train", "--config", str(cfg))
     stopped = run([*cmd, f"train.stop_after_steps={EVAL_EVERY}"], check=False, env=_offline_env())
@@ -84,6 +86,77 @@ def test_mlflow_holds_the_hyperparameters(mlflow_run, tracked_run):
     assert float(params["train.lr"]) == 3e-3 and int(params["train.batch_size"]) == 16
     assert params["model.fusion"] == "gated" and params["output_dir"] == str(tracked_run)
     assert params["train.stop_after_steps"] == str(EVAL_EVERY)  # the first invocation's value: MLflow keeps it
+
+
+# ------------------------------------------------------------------------------------------------------- wandb
+def _wandb_records(path: Path) -> List[Any]:
+    """The records of a ``.wandb`` file (wandb's protobuf ``Record``s in the LevelDB log format: a 7-byte file
+    header, 32 KiB blocks, each chunk a 7-byte header -- CRC, little-endian length, type FULL/FIRST/MIDDLE/LAST)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, parts, records = path.read_bytes(), 7, 32768, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 2):  # FULL, FIRST
+            parts = chunk
+        elif kind in (3, 4):  # MIDDLE, LAST
+            parts += chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            records.append(record)
+    return records
+
+
+@pytest.fixture
+def wandb_runs(tracked_run) -> List[Tuple[Path, List[Any]]]:
+    """(folder, records) of each offline wandb run folder of the run, oldest first."""
+    folders = sorted((tracked_run / "wandb").glob("offline-run-*"))
+    return [(f, _wandb_records(next(f.glob("run-*.wandb")))) for f in folders]
+
+
+def _wandb_history(records: List[Any]) -> Dict[str, Dict[int, Any]]:
+    out: Dict[str, Dict[int, Any]] = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            for key, value in items.items():
+                steps = out.setdefault(key, {})
+                assert items["_step"] not in steps, f"{key} logged twice at step {items['_step']}"
+                steps[items["_step"]] = value
+    return out
+
+
+def test_wandb_offline_run_is_one_run_continued_with_tensorboards_content(wandb_runs, tracked_run):
+    kept = json.loads((tracked_run / "wandb_run.json").read_text())["id"]
+    assert len(wandb_runs) == 2 and all(f.name.endswith(f"-{kept}") for f, _ in wandb_runs)  # one id, resumed
+    history: Dict[str, Dict[int, Any]] = {}
+    pngs: Dict[int, Path] = {}
+    for folder, records in wandb_runs:
+        for key, steps in _wandb_history(records).items():
+            if not key.startswith("_"):  # wandb's own _step, _runtime, _timestamp restart with each invocation
+                assert not set(steps) & set(history.get(key, {})), f"{key}: a step in both invocations"
+            history.setdefault(key, {}).update(steps)
+            if key == "val/confusion_matrix/filenames":  # a wandb.Image: its PNG is kept in the run folder
+                pngs.update({step: folder / "files" / names[0] for step, names in steps.items()})
+    assert sorted(history["train/loss"]) == list(range(1, STEPS + 1))
+    assert _as_f32(history["train/loss"]) == _as_f32(tb_scalars(tracked_run, "train/loss"))
+    evals = tb_scalars(tracked_run, "val/fused/macro_f1")
+    assert sorted(evals) == [EVAL_EVERY, STEPS] and _as_f32(history["val/fused/macro_f1"]) == _as_f32(evals)
+    assert sorted(pngs) == [EVAL_EVERY, STEPS]  # the confusion matrix of each evaluation
+    for png in pngs.values():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and cv2.imread(str(png)).std() > 20
+    config = {}
+    for _, records in wandb_runs[:1]:
+        for r in records:
+            if r.WhichOneof("record_type") == "config":
+                config.update({i.key: json.loads(i.value_json) for i in r.config.update})
+    assert config["train.lr"] == 3e-3 and config["model.fusion"] == "gated"  # the hyperparameters
 
 
 def _tb_images(run_dir: Path, tag: str) -> Dict[int, np.ndarray]:

@@ -6,8 +6,9 @@ has no common call for -- the confusion-matrix figure and the modality-competiti
 (TensorBoard, MLflow, wandb); other trackers get the scalars only.
 
 Offline by default: with no ``MLFLOW_TRACKING_URI`` set, MLflow writes a file store at ``RUN/mlruns``; with no
-``WANDB_DIR`` set, wandb writes under ``RUN/wandb``. A resumed run goes on in the same MLflow run (its id is kept
-in ``RUN/mlflow_run.json``). Only the main process logs: Accelerate creates the trackers there only.
+``WANDB_DIR`` set, wandb writes under ``RUN/wandb`` (``WANDB_MODE=offline`` keeps it off the network). A resumed run
+goes on in the same MLflow run and the same wandb run (their ids are kept in ``RUN/mlflow_run.json`` and
+``RUN/wandb_run.json``). Only the main process logs: Accelerate creates the trackers there only.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import tempfile
+import uuid
 from collections import abc
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
@@ -23,6 +25,7 @@ from mmcat.errors import ConfigError
 
 KEY = "config key 'train.report_to'"
 MLFLOW_RUN_FILE = "mlflow_run.json"
+WANDB_RUN_FILE = "wandb_run.json"
 log = logging.getLogger(__name__)
 
 # what `pip install` needs for each tracker Accelerate knows (the name in the error when it is missing)
@@ -81,9 +84,24 @@ def init_kwargs(names: Sequence[str], out: Path, resuming: bool) -> Dict[str, Di
     kwargs: Dict[str, Dict[str, Any]] = {}
     if "mlflow" in names:
         kwargs["mlflow"] = _mlflow_kwargs(out, resuming)
-    if "wandb" in names and "WANDB_DIR" not in os.environ:  # wandb itself honours WANDB_DIR, WANDB_MODE, ...
+    if "wandb" in names:
+        kwargs["wandb"] = _wandb_kwargs(out, resuming)
+    return kwargs
+
+
+def _wandb_kwargs(out: Path, resuming: bool) -> Dict[str, Any]:
+    """Where wandb writes (RUN/wandb unless WANDB_DIR says otherwise; wandb itself honours WANDB_MODE=offline and
+    the rest) and which run this is: a resumed run goes on in the wandb run it started (id kept in
+    RUN/wandb_run.json, ``resume="allow"``), so the history of both invocations is one run's, also offline, where
+    each invocation writes its own ``offline-run-*-<id>`` folder that ``wandb sync`` joins into that run."""
+    kwargs: Dict[str, Any] = {"resume": "allow", "name": out.name}
+    if "WANDB_DIR" not in os.environ:
         out.mkdir(parents=True, exist_ok=True)
-        kwargs["wandb"] = {"dir": str(out)}
+        kwargs["dir"] = str(out)
+    kept = out / WANDB_RUN_FILE
+    if "WANDB_RUN_ID" in os.environ:  # the user's choice of run wins
+        return kwargs
+    kwargs["id"] = json.loads(kept.read_text())["id"] if resuming and kept.is_file() else uuid.uuid4().hex[:8]
     return kwargs
 
 
@@ -104,13 +122,17 @@ def _mlflow_kwargs(out: Path, resuming: bool) -> Dict[str, Any]:
 
 
 def remember_runs(acc: Any, out: Path) -> None:
-    """After ``init_trackers`` (main process): keep the MLflow run id in the run directory for a resume."""
+    """After ``init_trackers`` (main process): keep the MLflow and wandb run ids in the run directory for a
+    resume."""
+    from mmcat.files import write_atomic
+
     mlflow = _active(acc, "mlflow")
     if mlflow is not None:  # None on other ranks too
-        from mmcat.files import write_atomic
-
         write_atomic(out / MLFLOW_RUN_FILE, json.dumps({"run_id": mlflow.tracker.info.run_id,
                                                         "tracking_uri": os.environ["MLFLOW_TRACKING_URI"]}))
+    wandb = _active(acc, "wandb")
+    if wandb is not None:
+        write_atomic(out / WANDB_RUN_FILE, json.dumps({"id": wandb.tracker.id}))
 
 
 def store_config(acc: Any, hparams: Dict[str, Any]) -> None:
