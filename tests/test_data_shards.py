@@ -122,6 +122,10 @@ def test_transforms_shapes_determinism_and_normalisation():
     got = to_pixel_values(rand.copy(), has, normalize=True)
     ref = (torch.from_numpy(rand).float() / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert torch.allclose(got[[0, 2]], ref[[0, 2]].permute(0, 3, 1, 2), atol=1e-5) and torch.all(got[1] == 0)
+    scale = torch.tensor([1 / (255 * s) for s in IMAGENET_STD])  # the bits of the float32 expression used before
+    shift = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)])  # the lookup table: runs repeat
+    same = torch.addcmul(shift, torch.from_numpy(rand[[0, 2]]).float(), scale).permute(0, 3, 1, 2)
+    assert torch.equal(got[[0, 2]], same)
     assert torch.equal(to_pixel_values(rand.copy(), has, normalize=False)[[0, 2]],
                        torch.from_numpy(rand[[0, 2]]).permute(0, 3, 1, 2))
     enc = ImageEncoder("resnet18", "none")

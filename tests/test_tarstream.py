@@ -155,7 +155,7 @@ def test_truncated_and_damaged_shards_same_samples_and_errors(tmp_path: Path, se
 
 def test_loader_reads_through_the_fast_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The training loader uses this reader (its speed is the point), and its batches hold the shard's content."""
-    from tests._shards import write_packed
+    from _shards import write_packed
     from mmcat.config import TrainRunConfig, load_config
     from mmcat.data import build_train_loader
     from mmcat.data import tarstream
