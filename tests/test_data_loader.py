@@ -272,3 +272,38 @@ def test_uint8_pixels_mode_feeds_the_model_the_same_input(tmp_path, tokenizer):
         assert u["pixel_values"].dtype == torch.uint8 and f["pixel_values"].dtype == torch.float32
         has = f["has_image"]
         assert torch.allclose(enc.normalize(u["pixel_values"])[has], f["pixel_values"][has], atol=1e-5)
+
+
+class _CollatedInWorker(torch.utils.data.IterableDataset):
+    """Collate run where the loader runs it: in a DataLoader worker; yields what the worker saw of the batch."""
+
+    def __init__(self, tokenizer, normalize: bool) -> None:
+        self.tokenizer, self.normalize = tokenizer, normalize
+
+    def __iter__(self):
+        import numpy as np
+
+        from mmcat.data.loader import Collate
+        from mmcat.data.samples import BadSampleCounter
+
+        collate = Collate(self.tokenizer, 16, 8, BadSampleCounter(strict=False), normalize=self.normalize)
+        photo = np.full((8, 8, 3), 200, np.uint8)
+        samples = [{"pixels": photo if i != 1 else None, "text": "a red mug", "label": i, "key": f"k{i}"}
+                   for i in range(3)]
+        batch = collate(samples)
+        yield batch["pixel_values"], batch["pixel_values"].is_shared()
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_worker_batch_pixels_are_built_in_shared_memory(tokenizer, normalize):
+    """The pixel batch a worker builds is in shared memory already, so handing it to the training process copies
+    nothing (uint8: the GPU default; float32: normalised in the worker, the CPU default); the content is intact."""
+    ((pixels, shared),) = list(torch.utils.data.DataLoader(_CollatedInWorker(tokenizer, normalize), batch_size=None,
+                                                           num_workers=1))
+    assert shared
+    assert torch.all(pixels[1] == 0) and pixels.shape == (3, 3, 8, 8)
+    if normalize:
+        assert torch.allclose(pixels[0, :, 0, 0], (200 / 255 - torch.tensor([0.485, 0.456, 0.406]))
+                              / torch.tensor([0.229, 0.224, 0.225]), atol=1e-5)
+    else:
+        assert pixels.dtype == torch.uint8 and torch.all(pixels[[0, 2]] == 200)

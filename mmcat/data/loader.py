@@ -300,10 +300,11 @@ class Collate:
         else:
             shape = (len(samples), self.size, self.size, 3)  # rows without an image: zeroed by to_pixel_values
             # uint8 out of the worker: fill the shared-memory batch itself; float: a scratch array, normalised
-            pixels = np.empty(shape, np.uint8) if self.normalize else batch_buffer(shape, torch.uint8).numpy()
+            pixels = torch.from_numpy(np.empty(shape, np.uint8)) if self.normalize else batch_buffer(shape, torch.uint8)
+            view = pixels.numpy()  # filled in place
             for i, s in enumerate(samples):
                 if s["pixels"] is not None:
-                    pixels[i] = s["pixels"]
+                    view[i] = s["pixels"]
             has_image = torch.tensor([s["pixels"] is not None for s in samples], dtype=torch.bool)
             images = {"pixel_values": to_pixel_values(pixels, has_image, self.normalize)}
         # a sample without text gets the empty string: only the special tokens ([CLS][SEP])

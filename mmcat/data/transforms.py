@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Tuple
+from typing import Tuple, Union
 
 import cv2
 import numpy as np
@@ -91,8 +91,9 @@ def eval_view(img: np.ndarray, size: int) -> np.ndarray:
     return crop_resize(img, center_crop_box(img.shape[0], img.shape[1], size), size)
 
 
-def to_pixel_values(images: np.ndarray, has_image: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """uint8 [B,S,S,3] -> [B,3,S,S] (channels-last memory), zeros where no image.
+def to_pixel_values(images: Union[np.ndarray, torch.Tensor], has_image: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """uint8 [B,S,S,3] (an array, or a tensor such as a :func:`batch_buffer`) -> [B,3,S,S] (channels-last memory),
+    zeros where no image.
 
     ``normalize=False``: uint8 pixels (a view, no copy), 4x less shared memory and host-to-device copy than
     float32; the model normalises them on the GPU. ``normalize=True``: float32 ImageNet-normalised here, in the
@@ -101,11 +102,12 @@ def to_pixel_values(images: np.ndarray, has_image: torch.Tensor, normalize: bool
     # Only the rows without an image are zeroed, by index: a boolean-mask assignment walks the whole batch even
     # when every sample has its image (20 ms of a 64 x 224 px uint8 batch, ~10 % of a loader worker's time).
     missing = torch.nonzero(~has_image).flatten()
-    if not normalize:
-        x = torch.from_numpy(images)
+    if not normalize:  # a tensor stays itself (a shared-memory batch stays shared: no copy when handed over)
+        x = images if torch.is_tensor(images) else torch.from_numpy(images)
         if missing.numel():
             x[missing] = 0
         return x.permute(0, 3, 1, 2)
+    images = images.numpy() if torch.is_tensor(images) else images
     b, h, w, c = images.shape
     x = batch_buffer((b, h, w, c), torch.float32)
     # one table lookup per value (uint8 -> float32, per channel) over the (B*H, W, 3) view: one pass, 5.7 ms for
