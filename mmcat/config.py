@@ -199,6 +199,9 @@ class TextEncoderConfig:
     name: str = "sentence-transformers/all-MiniLM-L6-v2"
     pretrained: bool = True  # false: random init from the folder's config.json (tiny test models)
     pooling: Pooling = Pooling.mean
+    # fine-tune only the top N transformer layers; the embeddings and lower layers stay as loaded and cost no
+    # backward (mmcat.models.text.lock_lower_layers); -1 = the whole encoder
+    trainable_layers: int = -1
 
 
 @dataclass
@@ -384,6 +387,7 @@ RANGES: Dict[str, Tuple[Optional[float], Optional[float], str]] = {
     "data.samples_per_epoch": (1, None, "[]"),
     "data.prefetch_factor": (1, None, "[]"),
     "model.hidden_dim": (1, None, "[]"),
+    "model.text.trainable_layers": (-1, None, "[]"),
     "model.dropout": (0, 1, "[)"),
     "model.modality_dropout": (0, 1, "[]"),
     "model.modality_dropout_final": (0, 1, "[]"),

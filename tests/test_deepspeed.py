@@ -75,13 +75,18 @@ def test_zero3_bf16_on_cpu_chosen_by_launcher_flags_only(tiny_packed_dataset, ti
     """bf16 under DeepSpeed on CPU: inputs cast, BatchNorm buffers in bf16, artifact still fp32 + reloadable.
     DeepSpeed is chosen by the launcher's environment only (what `accelerate launch --use_deepspeed --zero_stage 3`
     sets; no JSON file): best/ export under ZeRO-3 needs the weights gathered, which DeepSpeed's default forbids
-    (the run used to die at its first export, after an epoch)."""
+    (the run used to die at its first export, after an epoch). With the lower text layers locked
+    (model.text.trainable_layers=1): ZeRO-3 partitions parameters that take no gradient and are in no optimizer
+    group, and they come back in best/ as loaded from the text model's folder (to bf16's precision) while the top
+    layer trained."""
+    import torch
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     from train_helpers import child_env
 
     cfg = _config(tmp_path, tiny_text, tiny_packed_dataset, tmp_path / "bf16", train__precision="bf16",
-                  train__epochs=1)
+                  train__epochs=1, model__text__pretrained=True, model__text__trainable_layers=1)
     env = child_env()
     env.pop("ACCELERATE_DEEPSPEED_CONFIG_FILE", None)
     env.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3")
@@ -91,6 +96,16 @@ def test_zero3_bf16_on_cpu_chosen_by_launcher_flags_only(tiny_packed_dataset, ti
     assert m["global_step"] > 0 and m["test"]["fused"]["num_samples"] > 0
     with safe_open(str(tmp_path / "bf16" / "best" / "model.safetensors"), "pt") as f:
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float32"}
+        best = {k: f.get_tensor(k) for k in f.keys() if k.startswith("text_encoder.backbone.")}
+    loaded = load_file(str(Path(tiny_text) / "model.safetensors"))
+    loaded = {k.removeprefix("bert."): v for k, v in loaded.items()}
+    for name, weight in best.items():
+        start = loaded[name.removeprefix("text_encoder.backbone.")].to(torch.bfloat16).float()
+        if ".layer.1." in name:  # the top layer trained
+            continue
+        assert torch.equal(weight, start), name  # embeddings and layer 0: locked
+    top = "text_encoder.backbone.encoder.layer.1.output.dense.weight"
+    assert not torch.equal(best[top], loaded[top.removeprefix("text_encoder.backbone.")].to(torch.bfloat16).float())
 
 
 def test_deepspeed_fp16_on_cpu_fails_before_any_work(tiny_packed_dataset, tiny_text, tmp_path):

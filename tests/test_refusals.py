@@ -140,6 +140,9 @@ def test_zero3_always_gathers_weights_for_the_best_export(monkeypatch, caplog):
      "image, text has none (aux loss weight 0)"),
     (["model.modality_dropout_target=bigger"],
      "config key 'model.modality_dropout_target': 'bigger' is not one of uniform, stronger"),
+    (["model.text.trainable_layers=3"],  # the tiny BERT has 2
+     "config key 'model.text.trainable_layers' is 3 but the text encoder has 2 layers (-1 = train all of it)"),
+    (["model.text.trainable_layers=-2"], "config key 'model.text.trainable_layers': must be >= -1, got -2"),
 ])
 def test_train_refuses_bad_balance_settings_in_one_line(overrides, expected, tiny_packed_dataset, tiny_text, tmp_path):
     cfg = write_config(tmp_path / "train.yaml", tiny_text, tiny_packed_dataset, tmp_path / "run")

@@ -40,7 +40,8 @@ def test_resume_with_changed_settings_is_refused_before_work(baseline_run, tiny_
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     for override, key, old, new in (("train.batch_size=8", "train.batch_size", "16", "8"),
                                     ("model.fusion=late", "model.fusion", "'gated'", "'late'"),
-                                    ("data.num_workers=0", "data.num_workers", "1", "0")):
+                                    ("data.num_workers=0", "data.num_workers", "1", "0"),
+                                    ("model.text.trainable_layers=1", "model.text.trainable_layers", "-1", "1")):
         proc = run(mmcat_cmd("train", "--config", str(cfg), override), check=False)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2, proc.stderr[-3000:]

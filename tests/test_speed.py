@@ -106,6 +106,60 @@ def test_grad_checkpointing_keeps_loss_gradients_and_norm_statistics_and_saves_m
     assert kept_b < 0.5 * kept_a, (kept_a, kept_b)
 
 
+# ------------------------------------------------------------------------------------ model.text.trainable_layers
+def test_text_trainable_layers_trains_the_top_layers_only_with_the_same_gradients_and_no_backward_below(tiny_text):
+    import copy
+
+    from mmcat.models import build_model
+    from mmcat.train.optim import build_optimizer
+    from train_helpers import model_cfg
+
+    torch.manual_seed(0)
+    full = build_model(model_cfg(tiny_text, "model.modality_dropout=0.0"), num_labels=3).train()
+    locked = copy.deepcopy(full)
+    from mmcat.models.text import lock_lower_layers
+    lock_lower_layers(locked.text_encoder.backbone, 1)  # what model.text.trainable_layers=1 does at build
+    built = build_model(model_cfg(tiny_text, "model.text.trainable_layers=1"), num_labels=3)
+    assert ({n for n, p in built.named_parameters() if not p.requires_grad}
+            == {n for n, p in locked.named_parameters() if not p.requires_grad})
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=g),
+              torch.randint(1000, 2000, (4, 12), generator=g), torch.ones(4, 12, dtype=torch.long))
+    labels = torch.tensor([0, 1, 2, 1])
+
+    loss_full, grads_full, kept_full = _step(full, inputs, labels)
+    loss_locked, grads_locked, kept_locked = _step(locked, inputs, labels)
+
+    text = "text_encoder.backbone."
+    top = f"{text}encoder.layer.1."  # the tiny BERT has 2 layers: only the second trains
+    frozen = {n for n, _ in locked.named_parameters() if n.startswith(text) and not n.startswith(top)}
+    assert any(n.startswith(f"{text}embeddings.") for n in frozen) and any(".layer.0." in n for n in frozen)
+    assert torch.equal(loss_full, loss_locked)  # locking changes no forward
+    assert set(grads_locked) == set(grads_full) - frozen  # no gradient below the top layer ...
+    for name, grad in grads_locked.items():  # ... and exactly the same gradients above it
+        assert torch.allclose(grad, grads_full[name], rtol=1e-5, atol=1e-7), name
+    assert kept_locked < kept_full  # autograd keeps nothing for the frozen layers' backward
+    opt = build_optimizer(locked, _cfg())
+    in_optimizer = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert all(id(p) not in in_optimizer for n, p in locked.named_parameters() if n in frozen)
+    before = copy.deepcopy(locked.state_dict())
+    opt.step()
+    after = locked.state_dict()
+    for name in before:
+        if name in frozen:
+            assert torch.equal(before[name], after[name]), name
+    assert not torch.equal(before[f"{top}output.dense.weight"], after[f"{top}output.dense.weight"])
+
+
+def test_text_trainable_layers_beyond_the_encoder_is_a_config_error(tiny_text):
+    from mmcat.config import ConfigError
+    from mmcat.models import build_model
+    from train_helpers import model_cfg
+
+    with pytest.raises(ConfigError, match="'model.text.trainable_layers' is 3 but the text encoder has 2 layers"):
+        build_model(model_cfg(tiny_text, "model.text.trainable_layers=3"), num_labels=3)
+
+
 # ----------------------------------------------------------------------------------------------------- compile
 @pytest.mark.parametrize("length, max_length, want", [(5, 64, 16), (16, 64, 16), (17, 64, 32), (60, 64, 64),
                                                       (60, 70, 64), (69, 70, 70), (3, 3, 3), (20, 20, 20)])

@@ -91,3 +91,16 @@ def test_deepspeed_plugin_fills_owned_values_and_refuses_disagreement(tmp_path, 
     with pytest.raises(ConfigError, match="'bf16.enabled' is True but train.precision is no"):
         _deepspeed_plugin(_cfg())
 
+
+
+def test_fingerprint_of_an_older_checkpoint_without_a_newer_key_reads_as_that_keys_old_value(tmp_path):
+    """model.text.trainable_layers joined the fingerprint later: checkpoints written before it trained the whole
+    text encoder (-1), so they resume with -1 and are refused with anything else."""
+    from mmcat.train.checkpoint import check_fingerprint, run_fingerprint
+
+    current = run_fingerprint(_cfg(), 1, "accelerate", ["a", "b"], {"s-000000.tar": 4})
+    older = {k: v for k, v in current.items() if k != "model.text.trainable_layers"}
+    check_fingerprint(older, current, tmp_path)  # no error
+    locked = run_fingerprint(_cfg("model.text.trainable_layers=2"), 1, "accelerate", ["a", "b"], {"s-000000.tar": 4})
+    with pytest.raises(ConfigError, match="'model.text.trainable_layers' was -1 and is now 2"):
+        check_fingerprint(older, locked, tmp_path)

@@ -310,7 +310,7 @@ def check_data(cfg: Any) -> Dict[str, int]:
     labels = read_labels(data)
     for key, split in roles:
         _check_usable_sample(data, labels, key, split, shards[key])
-    _check_text_length(cfg)
+    _check_text_model(cfg)
     return samples
 
 
@@ -386,9 +386,10 @@ def _check_usable_sample(data: Any, labels: List[str], key: str, split: str, sha
                     f"first: {first_problem})")
 
 
-def _check_text_length(cfg: Any) -> None:
-    """Tokens beyond the text model's position table fail mid-run (IndexError); checked when the model is a local
-    folder (the offline default included), whose config.json says how many positions it has."""
+def _check_text_model(cfg: Any) -> None:
+    """Tokens beyond the text model's position table fail mid-run (IndexError), and more trainable layers than the
+    model has would fail once the run directory exists; both checked when the model is a local folder (the offline
+    default included), whose config.json says how many positions and layers it has."""
     from mmcat.models.text import resolve_text_model
 
     folder = Path(resolve_text_model(str(cfg.model.text.name)))
@@ -402,3 +403,8 @@ def _check_text_length(cfg: Any) -> None:
     if limits and int(cfg.data.max_text_length) > min(limits):
         raise ConfigError(f"config key 'data.max_text_length': {cfg.data.max_text_length} is more than the "
                           f"{min(limits)} tokens the text model {cfg.model.text.name} takes")
+    layers = conf.get("num_hidden_layers", conf.get("n_layers"))  # BERT family / DistilBERT
+    trainable = int(cfg.model.text.get("trainable_layers", -1))
+    if isinstance(layers, int) and trainable > layers:
+        raise ConfigError(f"config key 'model.text.trainable_layers' is {trainable} but the text encoder has "
+                          f"{layers} layers (-1 = train all of it)")

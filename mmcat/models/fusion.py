@@ -316,10 +316,12 @@ class MultimodalClassifier(nn.Module):
 
     def param_groups(self, lr_image: float, lr_text: float, lr_head: float, weight_decay: float) -> List[Dict]:
         """Optimizer groups named image / text / head; biases, norms and embeddings vectors get no weight decay.
-        Frozen parameters are included so that unfreezing later needs no new optimizer."""
+        Parameters frozen by learning rate (``train.freeze_backbones_steps``) are included so that unfreezing later
+        needs no new optimizer; locked ones (``requires_grad=False``: ``model.text.trainable_layers``) are not: they
+        never train, so they get no optimizer state."""
         encoders = {"image": self.image_encoder, "text": self.text_encoder}
         seen = {id(p) for m in encoders.values() if m is not None for p in m.parameters()}
-        parts = [(name, list(m.parameters()) if m is not None else [], lr)
+        parts = [(name, [p for p in m.parameters() if p.requires_grad] if m is not None else [], lr)
                  for (name, m), lr in zip(encoders.items(), (lr_image, lr_text))]
         parts.append(("head", [p for p in self.parameters() if id(p) not in seen], lr_head))
         groups = []

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mmcat.config import Pooling
-from mmcat.errors import ModelLoadError
+from mmcat.errors import ConfigError, ModelLoadError
 
 MINILM_NAMES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
 
@@ -92,5 +92,35 @@ class TextEncoder(nn.Module):
         return masked_mean(states, attention_mask), states
 
 
+def transformer_layers(backbone: nn.Module) -> nn.ModuleList:
+    """The stack of transformer layers of a Hugging Face encoder (``encoder.layer`` in BERT, RoBERTa and MiniLM,
+    ``transformer.layer`` in DistilBERT ...): its longest ``nn.ModuleList``."""
+    stacks = [m for m in backbone.modules() if isinstance(m, nn.ModuleList)]
+    if not stacks:
+        raise ModelLoadError(f"model.text.trainable_layers: no stack of layers found in {type(backbone).__name__}")
+    return max(stacks, key=len)
+
+
+def lock_lower_layers(backbone: nn.Module, trainable: int) -> None:
+    """Fine-tune only the top ``trainable`` transformer layers (``model.text.trainable_layers``; -1 = everything).
+
+    The embeddings and the layers below stay as loaded (``requires_grad=False``, as open_clip's
+    ``--lock-text-unlocked-layers``). Nothing below the first trained layer then needs a gradient, so autograd stops
+    there: the frozen layers cost one forward and no backward, which is most of a small BERT's training cost on a
+    CPU. The frozen layers still run in train mode (their dropout stays on), as they would unfrozen.
+    """
+    if trainable < 0:
+        return
+    layers = transformer_layers(backbone)
+    if trainable > len(layers):
+        raise ConfigError(f"config key 'model.text.trainable_layers' is {trainable} but the text encoder has "
+                          f"{len(layers)} layers (-1 = train all of it)")
+    trained = {id(p) for layer in layers[len(layers) - trainable:] for p in layer.parameters()}
+    for p in backbone.parameters():
+        p.requires_grad_(id(p) in trained)
+
+
 def build_text_encoder(text_cfg: Any) -> TextEncoder:
-    return TextEncoder(load_text_backbone(text_cfg), text_cfg.pooling)
+    backbone = load_text_backbone(text_cfg)
+    lock_lower_layers(backbone, int(text_cfg.get("trainable_layers", -1)))
+    return TextEncoder(backbone, text_cfg.pooling)

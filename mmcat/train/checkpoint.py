@@ -60,7 +60,8 @@ def run_fingerprint(cfg: Any, world_size: int, engine: str, labels: Sequence[str
         "data.num_workers": int(cfg.data.num_workers), "data.shuffle_buffer": int(cfg.data.shuffle_buffer),
         "data.resampled": bool(cfg.data.resampled), "data.samples_per_epoch": cfg.data.samples_per_epoch,
         "model.image.name": str(m.image.name), "model.text.name": str(m.text.name),
-        "model.text.pooling": str(m.text.pooling), "model.fusion": str(m.fusion), "model.hidden_dim": int(m.hidden_dim),
+        "model.text.pooling": str(m.text.pooling), "model.text.trainable_layers": int(m.text.get("trainable_layers", -1)),
+        "model.fusion": str(m.fusion), "model.hidden_dim": int(m.hidden_dim),
         "model.modalities": [str(x) for x in (m.get("modalities") or [])],
         "model.aux_heads": _aux_heads(m),
         "labels": list(labels), "train_shards": dict(sorted(train_shards.items())),
@@ -76,6 +77,10 @@ def _aux_heads(m: Any) -> List[str]:
     return [n for n in names if float(weights.get(n, m.get("aux_loss_weight") or 0)) > 0]
 
 
+# fingerprint keys added after checkpoints were first written, with the value an older checkpoint had implicitly
+ADDED_KEYS: Dict[str, Any] = {"model.text.trainable_layers": -1}
+
+
 def check_fingerprint(saved: Optional[Dict[str, Any]], current: Dict[str, Any], where: Path) -> None:
     """Raise a one-line ConfigError naming the first setting that differs from the checkpoint's."""
     from mmcat.errors import ConfigError
@@ -85,7 +90,7 @@ def check_fingerprint(saved: Optional[Dict[str, Any]], current: Dict[str, Any], 
                     FINGERPRINT_FILE)
         return
     for key, now in current.items():
-        before = saved.get(key)
+        before = saved.get(key, ADDED_KEYS.get(key))
         if before != now:
             raise ConfigError(f"cannot resume from {where}: '{key}' was {_short(before)} and is now {_short(now)}; "
                               f"resume with the same value, or start a new run (new output_dir)")
