@@ -54,6 +54,14 @@ def test_fused_adamw_only_on_cuda_without_deepspeed(device, deepspeed, fused):
 
 
 # ------------------------------------------------------------------------------------------ gradient checkpointing
+def _batch():
+    """Four samples of random pixels and token ids (uint8 64 px photos, 12 tokens) and their labels."""
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=g),
+              torch.randint(1000, 2000, (4, 12), generator=g), torch.ones(4, 12, dtype=torch.long))
+    return inputs, torch.tensor([0, 1, 2, 1])
+
+
 def _step(model, inputs, labels):
     """One training forward + backward; returns (loss, grads by name, bytes autograd kept for backward outside
     checkpointed regions)."""
@@ -85,10 +93,7 @@ def test_grad_checkpointing_keeps_loss_gradients_and_norm_statistics_and_saves_m
                         num_labels=3).train()
     checkpointed = copy.deepcopy(plain)
     checkpointed.enable_grad_checkpointing()
-    g = torch.Generator().manual_seed(0)
-    inputs = (torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=g),
-              torch.randint(1000, 2000, (4, 12), generator=g), torch.ones(4, 12, dtype=torch.long))
-    labels = torch.tensor([0, 1, 2, 1])
+    inputs, labels = _batch()
 
     loss_a, grads_a, kept_a = _step(plain, inputs, labels)
     loss_b, grads_b, kept_b = _step(checkpointed, inputs, labels)
@@ -111,21 +116,18 @@ def test_text_trainable_layers_trains_the_top_layers_only_with_the_same_gradient
     import copy
 
     from mmcat.models import build_model
+    from mmcat.models.text import lock_lower_layers
     from mmcat.train.optim import build_optimizer
     from train_helpers import model_cfg
 
     torch.manual_seed(0)
     full = build_model(model_cfg(tiny_text, "model.modality_dropout=0.0"), num_labels=3).train()
     locked = copy.deepcopy(full)
-    from mmcat.models.text import lock_lower_layers
     lock_lower_layers(locked.text_encoder.backbone, 1)  # what model.text.trainable_layers=1 does at build
     built = build_model(model_cfg(tiny_text, "model.text.trainable_layers=1"), num_labels=3)
     assert ({n for n, p in built.named_parameters() if not p.requires_grad}
             == {n for n, p in locked.named_parameters() if not p.requires_grad})
-    g = torch.Generator().manual_seed(0)
-    inputs = (torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=g),
-              torch.randint(1000, 2000, (4, 12), generator=g), torch.ones(4, 12, dtype=torch.long))
-    labels = torch.tensor([0, 1, 2, 1])
+    inputs, labels = _batch()
 
     loss_full, grads_full, kept_full = _step(full, inputs, labels)
     loss_locked, grads_locked, kept_locked = _step(locked, inputs, labels)
