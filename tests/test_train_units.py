@@ -92,7 +92,6 @@ def test_deepspeed_plugin_fills_owned_values_and_refuses_disagreement(tmp_path, 
         _deepspeed_plugin(_cfg())
 
 
-
 def test_fingerprint_of_an_older_checkpoint_without_a_newer_key_reads_as_that_keys_old_value(tmp_path):
     """model.text.trainable_layers joined the fingerprint later: checkpoints written before it trained the whole
     text encoder (-1), so they resume with -1 and are refused with anything else."""

@@ -390,7 +390,7 @@ def _check_text_model(cfg: Any) -> None:
     """Tokens beyond the text model's position table fail mid-run (IndexError), and more trainable layers than the
     model has would fail once the run directory exists; both checked when the model is a local folder (the offline
     default included), whose config.json says how many positions and layers it has."""
-    from mmcat.models.text import resolve_text_model
+    from mmcat.models.text import check_trainable_layers, resolve_text_model
 
     folder = Path(resolve_text_model(str(cfg.model.text.name)))
     if not folder.is_dir():
@@ -404,7 +404,5 @@ def _check_text_model(cfg: Any) -> None:
         raise ConfigError(f"config key 'data.max_text_length': {cfg.data.max_text_length} is more than the "
                           f"{min(limits)} tokens the text model {cfg.model.text.name} takes")
     layers = conf.get("num_hidden_layers", conf.get("n_layers"))  # BERT family / DistilBERT
-    trainable = int(cfg.model.text.get("trainable_layers", -1))
-    if isinstance(layers, int) and trainable > layers:
-        raise ConfigError(f"config key 'model.text.trainable_layers' is {trainable} but the text encoder has "
-                          f"{layers} layers (-1 = train all of it)")
+    if isinstance(layers, int):
+        check_trainable_layers(int(cfg.model.text.get("trainable_layers", -1)), layers)

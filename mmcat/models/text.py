@@ -101,6 +101,13 @@ def transformer_layers(backbone: nn.Module) -> nn.ModuleList:
     return max(stacks, key=len)
 
 
+def check_trainable_layers(trainable: int, layers: int) -> None:
+    """One line when ``model.text.trainable_layers`` asks for more layers than the text encoder has."""
+    if trainable > layers:
+        raise ConfigError(f"config key 'model.text.trainable_layers' is {trainable} but the text encoder has "
+                          f"{layers} layers (-1 = train all of it)")
+
+
 def lock_lower_layers(backbone: nn.Module, trainable: int) -> None:
     """Fine-tune only the top ``trainable`` transformer layers (``model.text.trainable_layers``; -1 = everything).
 
@@ -112,9 +119,7 @@ def lock_lower_layers(backbone: nn.Module, trainable: int) -> None:
     if trainable < 0:
         return
     layers = transformer_layers(backbone)
-    if trainable > len(layers):
-        raise ConfigError(f"config key 'model.text.trainable_layers' is {trainable} but the text encoder has "
-                          f"{len(layers)} layers (-1 = train all of it)")
+    check_trainable_layers(trainable, len(layers))
     trained = {id(p) for layer in layers[len(layers) - trainable:] for p in layer.parameters()}
     for p in backbone.parameters():
         p.requires_grad_(id(p) in trained)
