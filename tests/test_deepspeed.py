@@ -46,6 +46,8 @@ def test_zero_stage_trains_resumes_exports(stage, ddp_run, tiny_packed_dataset, 
     tol = 1e-3 if stage < 3 else 5e-2
     for step in (1, 2, 3):
         assert ds_loss[step] == pytest.approx(ddp_loss[step], rel=tol, abs=tol), (step, ds_loss, ddp_loss)
+    if stage == 1:  # ZeRO-1 and 2 are one DeepSpeed optimizer (stage_1_and_2.py) writing one checkpoint layout:
+        return      # stage 2 below covers its resume and export (a ZeRO launch costs ~40 s of the suite's 2 cores)
 
     # resume from the mid-run checkpoint (DeepSpeed's own sharded state via load_state) in a new run dir
     resumed = tmp_path / "resumed"

@@ -217,7 +217,7 @@ def test_train_two_cpu_processes(slurm_cluster, packed, tiny_text, tmp_path):
 
 def test_preempted_job_requeues_and_resumes(slurm_cluster, packed, tiny_text, tmp_path):
     run_dir = tmp_path / "run"
-    total, first_save = 30, 8
+    total, first_save = 16, 4  # ~1 s a step: 12 steps of margin for the signal to land before the end
     config = train_config(tmp_path, tiny_text, packed, max_steps=total, eval_every=total, save_every=first_save,
                           keep_checkpoints=5)
     job = submit_train(slurm_cluster, tmp_path, config)

@@ -103,3 +103,37 @@ def test_fingerprint_of_an_older_checkpoint_without_a_newer_key_reads_as_that_ke
     locked = run_fingerprint(_cfg("model.text.trainable_layers=2"), 1, "accelerate", ["a", "b"], {"s-000000.tar": 4})
     with pytest.raises(ConfigError, match="'model.text.trainable_layers' was -1 and is now 2"):
         check_fingerprint(older, locked, tmp_path)
+
+
+UNWRAP_PROBE = """
+import sys, torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from mmcat.train.accel import full_state_dict, unwrap
+
+acc = Accelerator(cpu=True)
+model = acc.prepare(torch.nn.Linear(3, 2))
+assert unwrap(acc, model) is model
+assert full_state_dict(acc, model).keys() == model.state_dict().keys()
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d", rank=0, world_size=1)
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+assert unwrap(acc, ddp) is model
+assert all(torch.equal(a, b) for a, b in zip(full_state_dict(acc, ddp).values(), model.state_dict().values()))
+dist.destroy_process_group()
+print("deepspeed imported:", "deepspeed" in sys.modules)
+"""
+
+
+def test_unwrapping_outside_deepspeed_never_imports_deepspeed():
+    """accelerate's unwrap_model imports deepspeed (3-5 s) whenever it is installed; mmcat's unwrap and
+    full_state_dict find the model inside DDP without it, so a run that does not use DeepSpeed never pays that."""
+    import subprocess
+    import sys
+
+    from train_helpers import child_env, free_port
+
+    env = {k: v for k, v in child_env().items() if not k.startswith("ACCELERATE_")}
+    proc = subprocess.run([sys.executable, "-c", UNWRAP_PROBE % free_port()], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "deepspeed imported: False", proc.stdout

@@ -179,6 +179,25 @@ def describe(accelerator: Accelerator) -> str:
     )
 
 
+def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The MultimodalClassifier inside DDP or a DeepSpeed engine.
+
+    accelerate's ``unwrap_model`` imports deepspeed whenever it is installed, only to test for its engine: 3-5 s
+    of start-up in every process that does not use it (most runs, and most of the test suite). So it is asked only
+    under DeepSpeed; otherwise the one possible wrapper is DDP (``train.compile`` compiles the module in place)."""
+    if accelerator.state.deepspeed_plugin is not None:
+        return accelerator.unwrap_model(model)
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The whole model's weights (ZeRO-3: gathered onto rank 0 by accelerate), without the deepspeed import of
+    ``unwrap`` above where no DeepSpeed runs."""
+    if accelerator.state.deepspeed_plugin is not None:
+        return accelerator.get_state_dict(model)
+    return accelerator.get_state_dict(unwrap(accelerator, model), unwrap=False)
+
+
 @contextmanager
 def whole_model_init(accelerator: Accelerator) -> Iterator[None]:
     """Build models with whole parameters even under ZeRO-3.

@@ -82,18 +82,20 @@ ADDED_KEYS: Dict[str, Any] = {"model.text.trainable_layers": -1}
 
 
 def check_fingerprint(saved: Optional[Dict[str, Any]], current: Dict[str, Any], where: Path) -> None:
-    """Raise a one-line ConfigError naming the first setting that differs from the checkpoint's."""
+    """Raise a one-line ConfigError naming every setting that differs from the checkpoint's (all at once: a user
+    who changed three settings should not learn of them one failed start at a time)."""
     from mmcat.errors import ConfigError
 
     if saved is None:
         log.warning("%s has no %s (written by an older mmcat): resume settings are not checked", where,
                     FINGERPRINT_FILE)
         return
-    for key, now in current.items():
-        before = saved.get(key, ADDED_KEYS.get(key))
-        if before != now:
-            raise ConfigError(f"cannot resume from {where}: '{key}' was {_short(before)} and is now {_short(now)}; "
-                              f"resume with the same value, or start a new run (new output_dir)")
+    changed = [f"'{key}' was {_short(before)} and is now {_short(now)}"
+               for key, now in current.items() if (before := saved.get(key, ADDED_KEYS.get(key))) != now]
+    if changed:
+        values = "the same value" if len(changed) == 1 else "the same values"
+        raise ConfigError(f"cannot resume from {where}: {', '.join(changed)}; resume with {values}, or start a new "
+                          f"run (new output_dir)")
 
 
 def _short(value: Any) -> str:

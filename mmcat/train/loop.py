@@ -25,7 +25,7 @@ from mmcat.modalities import modes_for
 from mmcat.models import forward_batch
 from mmcat.models.balance import aux_losses
 from mmcat.train import competition
-from mmcat.train.accel import whole_model_init
+from mmcat.train.accel import full_state_dict, unwrap, whole_model_init
 from mmcat.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint, weights_sha256
 from mmcat.train.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
 from mmcat.files import write_atomic
@@ -101,7 +101,7 @@ class Trainer:
         self.dummy = dummy_batch(self.tokenizer, self.cfg.data.image_size, setup.modalities)
         self.modes = modes_for(setup.modality_names)
         self.state = TrainerState()
-        self.core = self.accelerator.unwrap_model(self.model)  # the MultimodalClassifier inside DDP / DeepSpeed
+        self.core = unwrap(self.accelerator, self.model)  # the MultimodalClassifier inside DDP / DeepSpeed
         self.preempt = PreemptionFlag()
         # sums since the last optimizer step (windows carry across epoch ends, DeepSpeed's semantics):
         # samples, skipped samples, micro-batches (on the host), and the loss (on the device)
@@ -367,9 +367,9 @@ class Trainer:
         from mmcat.artifact import export_artifact
 
         acc = self.accelerator
-        state_dict = acc.get_state_dict(self.model)  # ZeRO-3: gathers the full weights onto rank 0
+        state_dict = full_state_dict(acc, self.model)  # ZeRO-3: gathers the full weights onto rank 0
         if acc.is_main_process:
-            export_artifact(self.out / "best", state_dict, acc.unwrap_model(self.model), self.cfg, self.labels,
+            export_artifact(self.out / "best", state_dict, self.core, self.cfg, self.labels,
                             self.tokenizer, metrics={"global_step": self.state.global_step, "val": val_metrics},
                             modalities=self.setup.modalities)
             log.info("exported best/ (val macro-F1 %.4f at step %d)", self.state.best_metric, self.state.global_step)
@@ -450,7 +450,7 @@ class Trainer:
                        skipped_samples=st.skipped_samples, world_size=acc.num_processes,
                        modalities=list(self.setup.modality_names), ablation_gap=gaps, calibration=calibration,
                        weak_modalities=list(st.competition_warned),
-                       final_weights_sha256=weights_sha256(acc.get_state_dict(self.model)))
+                       final_weights_sha256=weights_sha256(full_state_dict(acc, self.model)))
         if acc.is_main_process:
             write_atomic(self.out / "metrics.json", json.dumps(results, indent=2))
             log.info("done: %d steps, %d samples, metrics in %s", st.global_step, st.samples_seen,
