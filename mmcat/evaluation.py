@@ -21,7 +21,7 @@ from mmcat.data.loader import iterate_batches
 from mmcat.errors import DataError
 from mmcat.metrics import MODES, classification_metrics
 from mmcat.calibration import EvalScores
-from mmcat.models.fusion import forward_batch, mode_masks
+from mmcat.models.fusion import forward_modes, mode_masks
 
 
 def dummy_batch(tokenizer: Any, image_size: int, modalities: Sequence[Any] = ()) -> Dict[str, Any]:
@@ -71,9 +71,8 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelera
                 skipped += int(batch["skipped"])
                 real = False
             batch = batch if real else dummy
-            with accelerator.autocast():
-                for mode in modes:
-                    logits = forward_batch(model, batch, mode)
+            with accelerator.autocast():  # every mode from one pass of the encoders
+                for mode, logits in forward_modes(model, batch, modes).items():
                     if real:
                         preds[mode].extend(logits.argmax(dim=-1).tolist())
                         if calibration is not None:

@@ -157,6 +157,31 @@ def test_modality_dropout_never_hides_every_present_modality(tiny_text):
     assert set(torch.nonzero(before & ~out)[:, 1].tolist()) == {0, 1, 2}  # any modality may be the hidden one
 
 
+
+def test_every_mode_of_three_modalities_from_one_encoder_pass(tiny_text):
+    """fused, each <m>_only and each without_<m> (7 modes) from one pass of the three encoders: the same logits,
+    bit for bit, as a forward per mode."""
+    from mmcat.config import TrainRunConfig, load_config
+    from mmcat.models import build_model, forward_batch, load_tokenizer
+    from mmcat.models.fusion import forward_modes
+
+    cfg = load_config(TrainRunConfig, None, ["model.image.name=resnet18", f"model.text.name={tiny_text}",
+                                             "model.hidden_dim=8"], require_complete=False).model
+    model = build_model(cfg, 3, modalities=[Scalar({})]).eval()
+    tok = load_tokenizer(cfg.text)(["red shoe", "", "blue bag"], padding=True, return_tensors="pt",
+                                   return_token_type_ids=False)
+    torch.manual_seed(0)
+    batch = {"pixel_values": torch.randn(3, 3, 32, 32), "input_ids": tok["input_ids"],
+             "attention_mask": tok["attention_mask"], "has_image": torch.tensor([True, True, False]),
+             "has_text": torch.tensor([True, False, True]), "scalar": {"x": torch.tensor([0.5, 1.0, 2.0])},
+             "has_scalar": torch.tensor([True, True, True])}
+    modes = modes_for(["image", "text", "scalar"])
+    with torch.no_grad():
+        together = forward_modes(model, batch, modes)
+        assert list(together) == modes and len({tuple(v.flatten().tolist()) for v in together.values()}) == 7
+        for mode in modes:
+            assert torch.equal(together[mode], forward_batch(model, batch, mode)), mode
+
 # ---------------------------------------------------------------------------------------------- end to end
 def _train(tmp: Path, tiny_text: str, data: Path, name: str, *overrides: str, env=None) -> Path:
     cfg = write_config(tmp / f"{name}.yaml", tiny_text, data, tmp / name, train__epochs=4, model__fusion="concat",

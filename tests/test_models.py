@@ -9,6 +9,7 @@ import torch
 
 from mmcat.config import Fusion
 from mmcat.models import ModelLoadError, build_model, forward_batch, load_tokenizer
+from mmcat.models.fusion import forward_modes
 from mmcat.models.image import ImageEncoder
 from mmcat.models.text import MINILM_NAMES, resolve_text_model
 from train_helpers import model_cfg
@@ -63,6 +64,26 @@ def test_forward_batch_hides_the_modality_its_mode_names(tiny_text):
         assert torch.equal(forward_batch(model, b, "text_only"), model(**{**b, "has_image": no}))
         assert not torch.equal(forward_batch(model, b, "image_only"), forward_batch(model, b, "text_only"))
 
+
+
+@pytest.mark.parametrize("fusion", [f.value for f in Fusion])
+def test_every_evaluation_mode_from_one_encoder_pass_equals_its_own_forward(tiny_text, fusion):
+    """Evaluation's fused / image-only / text-only logits come from one forward: the encoders run once, the fusion
+    head once per mode. Bit-identical to a separate forward per mode, which ran every encoder again each time."""
+    model = build_model(model_cfg(tiny_text, f"model.fusion={fusion}"), NUM_LABELS).eval()
+    b = batch(load_tokenizer(model_cfg(tiny_text).text))
+    modes = ["fused", "image_only", "text_only"]
+    calls = []
+    for encoder in (model.image_encoder, model.text_encoder):
+        encoder.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        together = forward_modes(model, b, modes)
+        assert len(calls) == 2  # each encoder once, for all three modes
+        for mode in modes:
+            assert torch.equal(together[mode], forward_batch(model, b, mode)), mode
+    assert list(together) == modes and not torch.equal(together["image_only"], together["text_only"])
+    with pytest.raises(RuntimeError, match="evaluation"):
+        forward_modes(model.train(), b, modes)
 
 def test_attention_fusion_uses_image_spatial_tokens(tiny_text):
     model = build_model(model_cfg(tiny_text, "model.fusion=attention"), NUM_LABELS).eval()

@@ -20,7 +20,8 @@ unused-parameter search).
 
 ``forward_batch(model, batch, mode)`` is the one forward pass over a loader batch that training, evaluation and
 prediction share; ``mode`` (fused, ``<m>_only``, ``without_<m>``: :func:`mmcat.modalities.modes_for`) hides
-modalities through the same masks.
+modalities through the same masks. ``forward_modes`` gives evaluation every mode's logits from one pass of the
+encoders.
 """
 from __future__ import annotations
 
@@ -69,6 +70,19 @@ def forward_batch(model: nn.Module, batch: Dict[str, Any], mode: str = "fused", 
     if not extra:
         return model(*args, **kwargs)
     return model(*args, {n: batch[n] for n in extra}, {n: masks[n] for n in extra}, **kwargs)
+
+
+def forward_modes(model: nn.Module, batch: Dict[str, Any], modes: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """Logits of ``batch`` under each evaluation mode, from one forward pass: the modes differ only in which
+    modalities' features are swapped for their "missing" embeddings, so the encoders (nearly all of the cost) run
+    once and only the fusion head runs once per mode. Equal, bit for bit, to ``forward_batch`` per mode. Called
+    through ``model`` (a wrapper's hooks run), in eval mode only: in train mode modality dropout would apply."""
+    per_mode = [mode_masks(batch, mode) for mode in modes]
+    extra = [n for n in per_mode[0] if n not in ("image", "text")]
+    kwargs = {"extra_inputs": {n: batch[n] for n in extra}} if extra else {}
+    logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], modes_present=per_mode,
+                   **kwargs)
+    return dict(zip(modes, logits))
 
 
 def _mlp(d_in: int, hidden: int, d_out: int, dropout: float) -> nn.Sequential:
@@ -202,28 +216,42 @@ class MultimodalClassifier(nn.Module):
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 has_image: Mask = True, has_text: Mask = True,
                 extra_inputs: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
-                extra_present: Optional[Dict[str, Mask]] = None, labels: Optional[torch.Tensor] = None) -> Any:
+                extra_present: Optional[Dict[str, Mask]] = None, labels: Optional[torch.Tensor] = None,
+                modes_present: Optional[Sequence[Dict[str, Mask]]] = None) -> Any:
         """Logits ``[B, num_labels]``. ``extra_inputs[name]``: the collated tensors of each non-built-in modality;
         ``extra_present[name]`` its presence mask (default: present). With ``labels`` (training), returns
         ``(logits, aux)`` where ``aux`` maps each modality with an auxiliary head to ``(its logits, its presence
-        mask)``; the labels also drive OGM-GE and the running modality strengths."""
+        mask)``; the labels also drive OGM-GE and the running modality strengths. With ``modes_present`` (eval
+        only: a list of ``{modality: mask}``), returns one logits tensor per entry, the encoders run once
+        (:func:`forward_modes`)."""
         batch = (pixel_values if self.image_encoder is not None else input_ids).shape[0]
         device = pixel_values.device
         if sorted(extra_inputs or {}) != sorted(self.extra_names):
             raise ValueError(f"the model takes the modalities {self.extra_names} besides image and text, "
                              f"got {sorted(extra_inputs or {})}")
+        if modes_present is not None:
+            if self.training:
+                raise RuntimeError("modes_present is for evaluation (model.eval()): training hides modalities")
+            feats, tokens = self._encode(pixel_values, input_ids, attention_mask, extra_inputs or {})
+            return [self._fuse_present(feats, [self._mask(p.get(k, True), batch, device) for k in self.names],
+                                       tokens, attention_mask) for p in modes_present]
         given = {"image": has_image, "text": has_text, **(extra_present or {})}
         present = [self._mask(given.get(k, True), batch, device) for k in self.names]
-        masks = self._modality_dropout(*present)
+        masks = self._modality_dropout(*present)  # before the encoders: the order of random draws, as always
         feats, tokens = self._encode(pixel_values, input_ids, attention_mask, extra_inputs or {})
         aux = None
         if labels is not None and self.training:
             aux = self._aux(feats, dict(zip(self.names, present)), labels)
             feats = self._modulate(feats, aux, labels)
+        logits = self._fuse_present(feats, masks, tokens, attention_mask)
+        return logits if labels is None else (logits, aux or {})
+
+    def _fuse_present(self, feats: List[torch.Tensor], masks: Sequence[torch.Tensor], tokens: Dict[str, torch.Tensor],
+                      attention_mask: torch.Tensor) -> torch.Tensor:
+        """The fusion head over the features, each absent modality (mask false) swapped for its missing embedding."""
         missing = [self._missing(k) for k in self.names]
         feats = [torch.where(m[:, None], f, e.to(f.dtype).expand_as(f)) for f, m, e in zip(feats, masks, missing)]
-        logits = self._fuse(feats, masks, tokens, attention_mask)
-        return logits if labels is None else (logits, aux or {})
+        return self._fuse(feats, masks, tokens, attention_mask)
 
     def _missing(self, name: str) -> torch.Tensor:
         return self.missing_extra[name] if name in self.extra_names else getattr(self, f"missing_{name}")
