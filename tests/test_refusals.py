@@ -41,19 +41,20 @@ def one_error_line(proc, command: str) -> str:
     return lines[0][len(f"mmcat {command}: error: "):]
 
 
-def refused_in_process(capsys, command: str, *args: str) -> str:
+def refused_in_process(monkeypatch, capsys, command: str, *args: str) -> str:
     """``mmcat COMMAND ARGS`` through the console script's own ``main`` in this test process, where torch is already
     imported: ~0.1 s a case instead of a ~9 s start-up. The refusals of the other tests here run as real processes
-    (exit code 2, nothing else on stderr). Returns the one error line."""
-    from accelerate.state import PartialState
-
+    (exit code 2, nothing else on stderr). Returns the one error line. Only for refusals that come before the
+    Accelerator (process-wide state): starting one fails the test."""
     from mmcat.cli import main
 
+    def no_accelerator(cfg):
+        raise AssertionError("refused only after the Accelerator started: test this case in its own process")
+
+    monkeypatch.setattr("mmcat.train.setup.build_accelerator", no_accelerator)
     capsys.readouterr()
     code = main([command, *args])
-    err = capsys.readouterr().err
-    assert not PartialState._shared_state, "refused only after an Accelerator existed: run this case as a process"
-    return one_error_line(SimpleNamespace(returncode=code, stderr=err), command)
+    return one_error_line(SimpleNamespace(returncode=code, stderr=capsys.readouterr().err), command)
 
 
 def test_training_without_a_test_split(no_test_run):
@@ -161,9 +162,9 @@ def test_zero3_always_gathers_weights_for_the_best_export(monkeypatch, caplog):
     (["model.text.trainable_layers=-2"], "config key 'model.text.trainable_layers': must be >= -1, got -2"),
 ])
 def test_train_refuses_bad_balance_settings_in_one_line(overrides, expected, tiny_packed_dataset, tiny_text, tmp_path,
-                                                       capsys):
+                                                       monkeypatch, capsys):
     cfg = write_config(tmp_path / "train.yaml", tiny_text, tiny_packed_dataset, tmp_path / "run")
-    assert refused_in_process(capsys, "train", "--config", str(cfg), *overrides) == expected
+    assert refused_in_process(monkeypatch, capsys, "train", "--config", str(cfg), *overrides) == expected
     assert not (tmp_path / "run").exists()
 
 
