@@ -5,8 +5,9 @@
 Each benchmark's ``figures()`` runs mmcat and its baseline interleaved (A B A B ...) and reports the median of the
 per-pair ratios, so that load from other processes on a shared machine hits both sides alike. The budget for the
 default sizes is 10 minutes on 2 CPU cores (each benchmark's wall time and the total are printed under the table;
-4.5 min on an idle machine on 2026-11-26, 13.5-19 min while other jobs shared it); ``--quick`` uses tiny sizes (a check that the suite
-runs, not figures to quote). Results also go to benchmarks/results/<UTC date>.json (date, machine, versions, every row).
+4.5 min on an idle machine on 2026-11-26, 13.5-19 min while other jobs shared it); ``--quick`` uses tiny sizes (a
+check that the suite runs, not figures to quote). Results also go to benchmarks/results/<UTC date>T<HHMM>.json (date,
+machine, versions, every row; a second run on the same day keeps the first).
 Not a test: a target not met does not fail the run (exit 0); a benchmark that crashes is reported and exits 1.
 """
 from __future__ import annotations
@@ -91,7 +92,7 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks that every benchmark runs")
     ap.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset of " + ",".join(BENCHMARKS))
     ap.add_argument("--repeats", type=int, default=None, help="interleaved pairs per benchmark (default 3; 1 quick)")
-    ap.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/<UTC date>.json")
+    ap.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/<UTC date>T<HHMM>.json")
     ap.add_argument("--work", type=Path, default=None, help="keep generated data here (reused when present)")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -125,7 +126,7 @@ def main(argv: List[str] | None = None) -> int:
     info["load_average_end"] = os.getloadavg()[0]
     result = {"date": started.isoformat(timespec="seconds"), "quick": args.quick, "repeats": repeats,
               "machine": info, "seconds": timings, "total_seconds": sum(timings.values()), "rows": rows}
-    path = args.json or HERE / "results" / f"{started:%Y-%m-%d}.json"
+    path = args.json or HERE / "results" / f"{started:%Y-%m-%dT%H%M}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\n{started:%Y-%m-%d %H:%M} UTC, {info['cpu_count']} x {info['cpu_model']}, torch {info['torch']}, "
