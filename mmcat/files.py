@@ -16,7 +16,6 @@ renamed in: then there is a short moment without the final name.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import json
 import os
@@ -120,13 +119,24 @@ def _fsync_tree(root: Path) -> None:
 
 
 @lru_cache(maxsize=1)
+def libc() -> Optional[ctypes.CDLL]:
+    """The C library's symbols (errno kept for ``ctypes.get_errno``), or None. ``dlopen(NULL)``: the process's own
+    symbols, libc's among them. Not ``ctypes.util.find_library("c")``, which runs ``ldconfig -p`` in a child process
+    at every call: a stray process in the trainer and in every loader worker."""
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+@lru_cache(maxsize=1)
 def _renameat2() -> Optional[Callable[..., int]]:
     """libc's renameat2 (glibc >= 2.28), or None."""
-    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux" or libc() is None:
         return None
     try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).renameat2
-    except (OSError, AttributeError):
+        fn = libc().renameat2
+    except AttributeError:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     fn.restype = ctypes.c_int

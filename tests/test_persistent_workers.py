@@ -168,15 +168,27 @@ def test_few_or_no_workers(data, tokenizer, num_workers):
         run.close()
 
 
-def session_pids(sid: int) -> set:
-    out = set()
-    for p in psutil.process_iter(["pid"]):
+def session_pids(sid: int, forked_only: bool = False) -> set:
+    """The processes of session ``sid``; with ``forked_only``, those forked from the trainer (its loader workers keep
+    its command line), not short-lived helpers a library runs (at import, cuda.pathfinder runs ``ldconfig -p``)."""
+    out, leader = set(), None
+    for p in psutil.process_iter(["pid", "cmdline"]):
         try:
             if os.getsid(p.pid) == sid:
                 out.add(p.pid)
+                leader = p.info["cmdline"] if p.pid == sid else leader
         except (ProcessLookupError, PermissionError):
             pass
+    if forked_only:
+        out = {pid for pid in out if _cmdline(pid) == leader}
     return out
+
+
+def _cmdline(pid: int):
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return None
 
 
 @pytest.mark.slow
@@ -195,7 +207,7 @@ def test_trainer_reuses_its_workers_and_leaves_none_behind(tiny_packed_dataset, 
         seen = set()
         deadline = time.time() + 300
         while proc.poll() is None and time.time() < deadline:
-            seen |= session_pids(proc.pid) - {proc.pid}
+            seen |= session_pids(proc.pid, forked_only=True) - {proc.pid}
             time.sleep(0.05)
         err = proc.communicate(timeout=max(1, deadline - time.time()))[1]
         assert proc.returncode == code, err[-3000:]

@@ -411,16 +411,11 @@ def _fixed_malloc_thresholds() -> None:
     fixed threshold stops the rise: batches (megabytes) stay in mmap and go back to the system when freed (ratio
     0.81-1.07), while photo-sized blocks stay on the fast heap (a 128 KiB threshold cost ~10 % loader throughput;
     4 MiB costs nothing measurable)."""
-    import ctypes
-    import ctypes.util
+    from mmcat.files import libc
 
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(M_MMAP_THRESHOLD, 4 * 1024 * 1024)
-    except OSError:
-        pass
+    lib = libc()
+    if lib is not None and hasattr(lib, "mallopt"):
+        lib.mallopt(M_MMAP_THRESHOLD, 4 * 1024 * 1024)
 
 
 class _Pass:
