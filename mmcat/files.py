@@ -132,11 +132,9 @@ def libc() -> Optional[ctypes.CDLL]:
 @lru_cache(maxsize=1)
 def _renameat2() -> Optional[Callable[..., int]]:
     """libc's renameat2 (glibc >= 2.28), or None."""
-    if not hasattr(os, "uname") or os.uname().sysname != "Linux" or libc() is None:
-        return None
-    try:
-        fn = libc().renameat2
-    except AttributeError:
+    lib = libc() if hasattr(os, "uname") and os.uname().sysname == "Linux" else None
+    fn = getattr(lib, "renameat2", None) if lib is not None else None
+    if fn is None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     fn.restype = ctypes.c_int

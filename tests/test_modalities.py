@@ -157,7 +157,6 @@ def test_modality_dropout_never_hides_every_present_modality(tiny_text):
     assert set(torch.nonzero(before & ~out)[:, 1].tolist()) == {0, 1, 2}  # any modality may be the hidden one
 
 
-
 def test_every_mode_of_three_modalities_from_one_encoder_pass(tiny_text):
     """fused, each <m>_only and each without_<m> (7 modes) from one pass of the three encoders: the same logits,
     bit for bit, as a forward per mode."""
@@ -181,6 +180,7 @@ def test_every_mode_of_three_modalities_from_one_encoder_pass(tiny_text):
         assert list(together) == modes and len({tuple(v.flatten().tolist()) for v in together.values()}) == 7
         for mode in modes:
             assert torch.equal(together[mode], forward_batch(model, batch, mode)), mode
+
 
 # ---------------------------------------------------------------------------------------------- end to end
 def _train(tmp: Path, tiny_text: str, data: Path, name: str, *overrides: str, env=None) -> Path:

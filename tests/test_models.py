@@ -85,6 +85,7 @@ def test_every_evaluation_mode_from_one_encoder_pass_equals_its_own_forward(tiny
     with pytest.raises(RuntimeError, match="evaluation"):
         forward_modes(model.train(), b, modes)
 
+
 def test_attention_fusion_uses_image_spatial_tokens(tiny_text):
     model = build_model(model_cfg(tiny_text, "model.fusion=attention"), NUM_LABELS).eval()
     b = batch(load_tokenizer(model_cfg(tiny_text).text))
