@@ -199,7 +199,7 @@ def test_wheel_installed_in_a_fresh_venv_trains_a_shipped_config_by_name(tmp_pat
     used = yaml.safe_load((run_dir / "config.yaml").read_text())
     # values only tiny_cpu.yaml sets: the shipped file was applied
     assert (used["data"]["min_crop_scale"], used["model"]["modality_dropout"], used["train"]["lr_text"]) == (
-        0.5, 0.3, 5e-5)
+        1.0, 0.3, 5e-5)
     assert metrics(run_dir)["global_step"] > 0 and (run_dir / "best" / "model.safetensors").is_file()
     assert json.loads((run_dir / "best" / "labels.json").read_text()) == json.loads(
         (tiny_packed_dataset / "labels.json").read_text())
