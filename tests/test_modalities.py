@@ -213,7 +213,7 @@ def test_a_modality_from_a_plugin_module_trains_end_to_end(attr_data, tiny_text,
     """The toy Scalar above, registered by importing this file by name: no change to mmcat/."""
     env = {**child_env(), "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     run_dir = _train(tmp_path, tiny_text, attr_data, "plugin", "model.plugins=[test_modalities]",
-                     "model.modalities=[image,text,scalar]", "train.epochs=2", env=env)
+                     "model.modalities=[image,text,scalar]", env=env)
     test = metrics(run_dir)["test"]
     assert list(test) == modes_for(["image", "text", "scalar"])
     assert test["scalar_only"]["accuracy"] > 0.5  # the scalar is the class index: chance is 0.25
