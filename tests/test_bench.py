@@ -1,4 +1,5 @@
-"""The benchmarks must not rot: the GPU benchmark's CPU smoke mode end to end, and one suite benchmark's rows."""
+"""The benchmarks must not rot: the GPU benchmark's CPU smoke mode end to end, one suite benchmark's rows, and the
+plain image loop that is issue 11's yardstick."""
 from __future__ import annotations
 
 import json
@@ -25,6 +26,20 @@ def test_bench_gpu_smoke_writes_every_figure(tmp_path: Path) -> None:
     # no GPU: memory and MFU are not invented
     assert r["peak_gpu_memory_gb"] is None and r["mfu"] is None and r["device_peak_flops"] is None
     assert r["timed_steps"] == 4 and r["batch"] == 8 and r["compile"] is False
+
+
+def test_plain_image_loop_reads_synth_photos_and_scores_the_held_out_fifth(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    subprocess.run([sys.executable, "-m", "mmcat", "synth", "--out", str(raw), "--num-products", "50",
+                    "--num-classes", "3", "--generator", "market"], cwd=ROOT, check=True, capture_output=True)
+    proc = subprocess.run([sys.executable, "benchmarks/plain_image_loop.py", "--raw", str(raw), "--size", "32",
+                           "--epochs", "2", "--batch", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert [ln.split(":")[0] for ln in lines] == ["epoch 1", "epoch 2"]
+    for ln in lines:  # 10 of the 50 products are held out; an accuracy over them is a multiple of 1/10
+        accuracy = float(ln.split("test accuracy ")[1].split()[0])
+        assert "(10 photos)" in ln and 0.0 <= accuracy <= 1.0 and round(accuracy * 10, 6) % 1 == 0
 
 
 def test_suite_plan_rows_compare_ten_times_the_rows(tmp_path: Path) -> None:
