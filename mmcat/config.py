@@ -87,6 +87,7 @@ class Precision(Choice):
     no = "no"
     bf16 = "bf16"
     fp16 = "fp16"
+    auto = "auto"  # bf16 where the training device computes it in hardware, else no (mmcat.train.accel)
 
 
 # ----------------------------------------------------------------------------------------------- synth / pack

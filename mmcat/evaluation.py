@@ -11,6 +11,7 @@ every forward and a rank that stopped early would hang the others.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -41,9 +42,11 @@ def dummy_batch(tokenizer: Any, image_size: int, modalities: Sequence[Any] = ())
 def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelerator, labels: Sequence[str],
              dummy: Dict[str, Any], modes: Sequence[str] = MODES,
              stop_requested: Callable[[], bool] = lambda: False,
-             calibration: Optional[EvalScores] = None) -> Optional[Dict[str, Dict]]:
+             calibration: Optional[EvalScores] = None, mixed_precision: bool = True) -> Optional[Dict[str, Dict]]:
     """Metrics per mode over every sample that ``batches`` yields on every rank. With ``calibration``, also the
     calibrated confidences (and temperature fit sums) of every sample: ``results["calibration"]``.
+    ``mixed_precision=False`` runs the forwards in full precision whatever the accelerator trains in: the exported
+    artifact as ``mmcat eval``, predict and serve run it.
 
     Returns None when ``stop_requested()`` turned true on any rank (a preemption during a long validation): the
     ranks agree on it in the same collective that keeps them in lockstep, so the trainer can still checkpoint in
@@ -71,7 +74,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelera
                 skipped += int(batch["skipped"])
                 real = False
             batch = batch if real else dummy
-            with accelerator.autocast():  # every mode from one pass of the encoders
+            with accelerator.autocast() if mixed_precision else nullcontext():  # every mode from one encoder pass
                 for mode, logits in forward_modes(model, batch, modes).items():
                     if real:
                         preds[mode].extend(logits.argmax(dim=-1).tolist())

@@ -198,7 +198,7 @@ def test_readme_config_table_names_every_schema_key_and_nothing_else():
 @pytest.mark.parametrize("schema, override, message", [
     (TrainRunConfig, "model.fusion=sum",
      "config key 'model.fusion': 'sum' is not one of concat, late, gated, attention"),
-    (TrainRunConfig, "train.precision=fp8", "config key 'train.precision': 'fp8' is not one of no, bf16, fp16"),
+    (TrainRunConfig, "train.precision=fp8", "config key 'train.precision': 'fp8' is not one of no, bf16, fp16, auto"),
     (TrainRunConfig, "model.text.pooling=max", "config key 'model.text.pooling': 'max' is not one of mean, cls"),
     (PackConfig, "resize_mode=fit", "config key 'resize_mode': 'fit' is not one of shorter, center_crop, keep, border"),
     (PackConfig, "format=xls", "config key 'format': 'xls' is not one of auto, csv, jsonl, parquet, "

@@ -17,7 +17,7 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 from accelerate import Accelerator
@@ -51,6 +51,27 @@ def process_group_kwargs() -> List[Any]:
     if not torch.cuda.is_available() and launched_distributed():
         return [InitProcessGroupKwargs(backend="gloo")]
     return []
+
+
+def native_bf16() -> Tuple[bool, str]:
+    """Whether the device that trains computes bf16 in hardware, and what says so. A CUDA GPU from Ampere on does;
+    so does a CPU with AMX (Intel Sapphire Rapids on) or AVX512-BF16 (Cooper Lake, AMD Zen 4), where bf16 autocast
+    makes a step of the demo model ~1.4x faster. Elsewhere bf16 is emulated, slower than fp32."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported(including_emulation=False), "the GPU's bf16 support"
+    for probe, name in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16")):
+        if getattr(torch.cpu, probe, lambda: False)():  # private probes: absent in some builds, then "no"
+            return True, f"this CPU has {name}"
+    return False, "this CPU has no bf16 instructions"
+
+
+def resolve_precision(precision: str) -> Tuple[str, str]:
+    """``train.precision`` as trained, and why when it was ``auto``: bf16 where it is native, full precision
+    elsewhere (fp16 is never chosen: its loss scaling is a choice to make knowingly, on pre-Ampere GPUs)."""
+    if precision != "auto":
+        return precision, ""
+    native, why = native_bf16()
+    return ("bf16" if native else "no"), f"auto: {why}"
 
 
 def check_precision(precision: str, use_deepspeed: bool) -> None:
@@ -171,10 +192,12 @@ def engine_name(accelerator: Accelerator) -> str:
     return f"DeepSpeed ZeRO-{ds.zero_stage}" if ds is not None else accelerator.distributed_type.value
 
 
-def describe(accelerator: Accelerator) -> str:
+def describe(accelerator: Accelerator, precision_note: str = "") -> str:
     engine = engine_name(accelerator)
+    note = f" ({precision_note})" if precision_note else ""
     return (
-        f"device={accelerator.device} precision={accelerator.mixed_precision} world_size={accelerator.num_processes} "
+        f"device={accelerator.device} precision={accelerator.mixed_precision}{note} "
+        f"world_size={accelerator.num_processes} "
         f"engine={engine} backend={getattr(accelerator.state, 'backend', None)}"
     )
 

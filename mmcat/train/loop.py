@@ -319,9 +319,12 @@ class Trainer:
 
     def evaluate_split(self, split: str, model: Optional[torch.nn.Module] = None,
                        calibration: Optional[EvalScores] = None) -> Optional[Dict[str, Dict]]:
-        """Metrics of ``split``; None when a stop was asked for during the evaluation."""
+        """Metrics of ``split``; None when a stop was asked for during the evaluation. A ``model`` passed in is the
+        exported artifact: it runs in full precision, as ``mmcat eval`` and predict run it, so metrics.json is what
+        they measure even after bf16 training."""
         return evaluate(model or self.model, self._eval_batches(split), self.accelerator, self.labels, self.dummy,
-                        modes=self.modes, stop_requested=lambda: self.preempt.requested, calibration=calibration)
+                        modes=self.modes, stop_requested=lambda: self.preempt.requested, calibration=calibration,
+                        mixed_precision=model is None)
 
     def _eval_and_export(self) -> Optional[str]:
         """Validate; export ``best/`` when val macro-F1 improves; decide early stopping."""
@@ -448,7 +451,8 @@ class Trainer:
                 print(format_table(res, title=f"[{split}] best model (step {st.best_step})"), flush=True)
         results.update(global_step=st.global_step, samples_seen=st.samples_seen, best_step=st.best_step,
                        skipped_samples=st.skipped_samples, world_size=acc.num_processes,
-                       modalities=list(self.setup.modality_names), ablation_gap=gaps, calibration=calibration,
+                       modalities=list(self.setup.modality_names), precision=str(acc.mixed_precision),
+                       ablation_gap=gaps, calibration=calibration,
                        weak_modalities=list(st.competition_warned),
                        final_weights_sha256=weights_sha256(full_state_dict(acc, self.model)))
         if acc.is_main_process:

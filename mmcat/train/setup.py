@@ -25,7 +25,7 @@ from mmcat.files import write_atomic
 from mmcat.modalities import training_modalities
 from mmcat.models import build_model
 from mmcat.models.text import load_tokenizer
-from mmcat.train.accel import build_accelerator, describe, engine_name, whole_model_init
+from mmcat.train.accel import build_accelerator, describe, engine_name, resolve_precision, whole_model_init
 from mmcat.train.checkpoint import check_fingerprint, decide_resume, read_fingerprint, run_fingerprint
 from mmcat.train.speed import apply_backend_flags, compile_model
 from mmcat.train.optim import build_loss, build_optimizer, build_scheduler, total_optimizer_steps
@@ -83,6 +83,7 @@ def build_training(cfg: Any, build_loader: Optional[LoaderBuilder] = None) -> Tr
     replays batches held in memory)."""
     check_data(cfg)  # bad data settings: one line before any work (splits, shards, labels)
     cfg, modalities = _with_modalities(cfg)
+    cfg, precision_note = _with_precision(cfg)
     acc = build_accelerator(cfg)
     _setup_logging(acc.is_main_process)
     set_seed(cfg.seed, device_specific=False)  # same init on every rank; DDP/DeepSpeed also broadcast it
@@ -91,7 +92,7 @@ def build_training(cfg: Any, build_loader: Optional[LoaderBuilder] = None) -> Tr
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "config.yaml", to_yaml(cfg))
-    log.info("mmcat train: %s; modalities: %s", describe(acc), ", ".join(cfg.model.modalities))
+    log.info("mmcat train: %s; modalities: %s", describe(acc, precision_note), ", ".join(cfg.model.modalities))
 
     tokenizer = load_tokenizer(cfg.model.text)
     build_loader = build_loader or PersistentTrainLoader()
@@ -112,6 +113,18 @@ def _with_modalities(cfg: Any) -> Tuple[Any, List[Any]]:
     cfg = OmegaConf.merge(cfg, {"model": {"modalities": names}})
     OmegaConf.set_readonly(cfg, True)
     return cfg, modalities
+
+
+def _with_precision(cfg: Any) -> Tuple[Any, str]:
+    """The config with ``train.precision: auto`` resolved (bf16 where the device has it in hardware, else no) and
+    why. The resolved value is what config.yaml and the checkpoint fingerprint hold: resuming on a machine that
+    resolves ``auto`` otherwise is refused, not silently continued in another precision."""
+    precision, why = resolve_precision(str(cfg.train.precision))
+    if not why:
+        return cfg, ""
+    cfg = OmegaConf.merge(cfg, {"train": {"precision": precision}})
+    OmegaConf.set_readonly(cfg, True)
+    return cfg, why
 
 
 def _resume_decision(cfg: Any, acc: Accelerator, out: Path) -> Tuple[Optional[Path], List[str], Dict[str, Any]]:

@@ -1,0 +1,63 @@
+"""``train.precision``: ``auto`` trains in bf16 only where the device computes bf16 in hardware, and whatever precision
+trained a model, ``metrics.json`` reports the artifact as ``mmcat eval`` / predict / serve run it (full precision)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from train_helpers import metrics, mmcat_cmd, run, write_config
+
+
+@pytest.mark.parametrize("cuda, cuda_bf16, cpu_amx, cpu_avx512_bf16, want", [
+    (False, False, True, False, "bf16"),  # Intel Sapphire Rapids and later (AMX)
+    (False, False, False, True, "bf16"),  # AVX512-BF16 (Cooper Lake, AMD Zen 4)
+    (False, False, False, False, "no"),  # a laptop: emulated bf16 is slower than fp32
+    (True, True, False, False, "bf16"),  # Ampere and later
+    (True, False, True, True, "no"),  # V100 / T4: the GPU trains, not the CPU (fp16 needs asking for)
+])
+def test_auto_is_bf16_only_where_the_training_device_has_it(monkeypatch, cuda, cuda_bf16, cpu_amx, cpu_avx512_bf16,
+                                                            want):
+    from mmcat.train import accel
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: cuda_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: cpu_amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: cpu_avx512_bf16)
+    assert accel.resolve_precision("auto")[0] == want
+    assert "auto" in accel.resolve_precision("auto")[1]
+    for explicit in ("no", "bf16", "fp16"):  # what the user named is used as named
+        assert accel.resolve_precision(explicit) == (explicit, "")
+
+
+def test_a_bf16_run_reports_its_artifact_as_eval_runs_it(tiny_packed_dataset, tiny_text, tmp_path):
+    """Training evaluates under bf16 autocast, but best/ is deployed in fp32: the final metrics and calibration in
+    metrics.json are the fp32 artifact's, float for float what `mmcat eval` prints (an ECE is a mean of softmax
+    scores, so bf16 logits would show in it even where no argmax flips). `auto` resolves and is recorded."""
+    cfg = write_config(tmp_path / "train.yaml", tiny_text, tiny_packed_dataset, tmp_path / "run",
+                       train__precision="bf16")
+    proc = run(mmcat_cmd("train", "--config", str(cfg)))
+    assert "precision=bf16" in proc.stderr
+    m = metrics(tmp_path / "run")
+    assert m["precision"] == "bf16"
+    out = tmp_path / "eval.json"
+    run(mmcat_cmd("eval", "--model", str(tmp_path / "run" / "best"), "--data", str(tiny_packed_dataset),
+                  "--split", "test", "--out", str(out)))
+    got = json.loads(out.read_text())
+    for mode in ("fused", "image_only", "text_only"):
+        assert got[mode]["accuracy"] == m["test"][mode]["accuracy"]
+        assert got[mode]["macro_f1"] == m["test"][mode]["macro_f1"]
+    for mode, ece in m["calibration"]["test"]["by_input"].items():
+        assert got["calibration"]["by_input"][mode] == pytest.approx(ece, abs=1e-6), mode
+
+
+def test_auto_says_what_it_chose(tiny_packed_dataset, tiny_text, tmp_path):
+    from mmcat.train.accel import resolve_precision
+
+    cfg = write_config(tmp_path / "train.yaml", tiny_text, tiny_packed_dataset, tmp_path / "run",
+                       train__precision="auto", train__epochs=1)
+    proc = run(mmcat_cmd("train", "--config", str(cfg)))
+    chosen, why = resolve_precision("auto")
+    assert f"precision={chosen} ({why})" in proc.stderr
+    assert metrics(tmp_path / "run")["precision"] == chosen
