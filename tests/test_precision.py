@@ -61,3 +61,26 @@ def test_auto_says_what_it_chose(tiny_packed_dataset, tiny_text, tmp_path):
     chosen, why = resolve_precision("auto")
     assert f"precision={chosen} ({why})" in proc.stderr
     assert metrics(tmp_path / "run")["precision"] == chosen
+
+
+def test_a_run_resumed_where_auto_resolves_otherwise_is_refused(monkeypatch, tmp_path):
+    """`auto` is resolved before the fingerprint: a checkpoint trained in bf16 on an AMX machine is not continued
+    in fp32 on a laptop (the steps after the resume would differ from the run's own), but refused in one line."""
+    from mmcat.config import TrainRunConfig, load_config
+    from mmcat.errors import ConfigError
+    from mmcat.train import accel
+    from mmcat.train.checkpoint import check_fingerprint, run_fingerprint
+    from mmcat.train.setup import _with_precision
+
+    cfg = load_config(TrainRunConfig, "tiny_cpu", ["data.root=/d", "output_dir=/o"])
+    assert str(cfg.train.precision) == "auto"  # the shipped demo config
+
+    def fingerprint(native: bool):
+        monkeypatch.setattr(accel, "native_bf16", lambda: (native, "probe"))
+        resolved, why = _with_precision(cfg)
+        assert why == "auto: probe" and resolved.train.precision == ("bf16" if native else "no")
+        return run_fingerprint(resolved, 1, "NO", ["a", "b"], {"train-000000.tar": 8})
+
+    check_fingerprint(fingerprint(True), fingerprint(True), tmp_path)  # same machine: resumes
+    with pytest.raises(ConfigError, match="'train.precision' was 'bf16' and is now 'no'"):
+        check_fingerprint(fingerprint(True), fingerprint(False), tmp_path)
