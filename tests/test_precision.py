@@ -34,7 +34,7 @@ def test_auto_is_bf16_only_where_the_training_device_has_it(monkeypatch, cuda, c
 def test_a_bf16_run_reports_its_artifact_as_eval_runs_it(tiny_packed_dataset, tiny_text, tmp_path):
     """Training evaluates under bf16 autocast, but best/ is deployed in fp32: the final metrics and calibration in
     metrics.json are the fp32 artifact's, float for float what `mmcat eval` prints (an ECE is a mean of softmax
-    scores, so bf16 logits would show in it even where no argmax flips). `auto` resolves and is recorded."""
+    scores, so bf16 logits would show in it even where no argmax flips). The precision trained in is recorded."""
     cfg = write_config(tmp_path / "train.yaml", tiny_text, tiny_packed_dataset, tmp_path / "run",
                        train__precision="bf16")
     proc = run(mmcat_cmd("train", "--config", str(cfg)))
