@@ -39,6 +39,9 @@ WEIGHTS = "model.safetensors"
 class Preprocessing:
     """The ``data`` keys that decide what the model sees (defaults: the training schema's)."""
     image_size: int = DataConfig.image_size
+    # the region of the eval view: the whole photo after training without random crops (transforms.eval_box); an
+    # artifact written before the key existed was evaluated with the centre crop, and still is
+    min_crop_scale: float = DataConfig.min_crop_scale
     max_text_length: int = DataConfig.max_text_length
     label_key: str = DataConfig.label_key
     uint8_pixels: Optional[bool] = DataConfig.uint8_pixels

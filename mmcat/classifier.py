@@ -9,8 +9,9 @@ and ``mmcat eval`` share::
 A product goes through the steps a packed sample goes through in training, in the same functions:
 
 - a raw photo (path, bytes, PIL image or array) is decoded by ``mmcat pack``'s decoder (pixel-count guard, EXIF
-  orientation, alpha on white, reduced-scale JPEG decode) and centre-cropped by the loader's eval view; a photo that
-  was already packed (``mmcat predict`` on shards) is decoded exactly as ``mmcat eval`` decodes it;
+  orientation, alpha on white, reduced-scale JPEG decode) and cut to the loader's eval view (the region training
+  showed: ``transforms.eval_box``, from the artifact's ``data.min_crop_scale``); a photo that was already packed
+  (``mmcat predict`` on shards) is decoded exactly as ``mmcat eval`` decodes it;
 - title and description are normalised and joined as ``mmcat pack`` writes the ``txt`` member;
 - attributes (and any plug-in modality) are encoded by the modality itself from ``best/``'s own files;
 - batches are collated by the training loader's collate (tokenizer, pixel layout) and run through the same forward.
@@ -88,11 +89,12 @@ class Preprocessor:
     """Products or packed samples -> :class:`Prepared`. Holds no model and pickles small, so ``mmcat predict``'s
     decode workers each get a copy."""
 
-    def __init__(self, image_size: int, modalities: Sequence[Any] = (), max_image_pixels: int = MAX_IMAGE_PIXELS,
-                 max_image_bytes: int = MAX_IMAGE_BYTES) -> None:
-        self.size, self.modalities = int(image_size), list(modalities)
+    def __init__(self, image_size: int, min_crop_scale: float, modalities: Sequence[Any] = (),
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, max_image_bytes: int = MAX_IMAGE_BYTES) -> None:
+        # min_crop_scale: the training run's; it decides the eval view's region (transforms.eval_box)
+        self.size, self.min_scale, self.modalities = int(image_size), float(min_crop_scale), list(modalities)
         self.max_pixels, self.max_bytes = int(max_image_pixels), int(max_image_bytes)
-        # a raw photo is decoded no smaller than the shorter side the eval view crops its S x S centre from
+        # a raw photo is decoded no smaller than the shorter side the eval view's centre crop (the smaller view) needs
         self.decode_side = int(round(self.size / EVAL_CROP_FRACTION))
 
     # ------------------------------------------------------------------------------------------ raw products
@@ -136,14 +138,14 @@ class Preprocessor:
             if len(image) > self.max_bytes:
                 raise ImageError("image_file_too_large", f"{len(image)} bytes > {self.max_bytes}")
             bgr = decode_photo(bytes(image), self.decode_side, "shorter", self.max_pixels).image
-            return eval_view(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), self.size)
+            return eval_view(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), self.size, self.min_scale)
         if not isinstance(image, np.ndarray):  # a PIL image: encode losslessly, then the same decoder as bytes
             if not hasattr(image, "save"):
                 raise ValueError(f"image must be a path, bytes, a PIL image or a numpy array, not {type(image).__name__}")
             buf = io.BytesIO()
             image.save(buf, format="PNG")
             return self.photo(buf.getvalue())
-        return eval_view(_rgb_array(image), self.size)
+        return eval_view(_rgb_array(image), self.size, self.min_scale)
 
     # --------------------------------------------------------------------------------------- packed samples
     def sample(self, raw: Mapping[str, Any]) -> Prepared:
@@ -156,7 +158,7 @@ class Preprocessor:
         data = next((raw[e] for e in IMAGE_EXTS if raw.get(e)), None)
         if data is not None:
             try:
-                pixels = eval_view(decode_image(data, self.size), self.size)
+                pixels = eval_view(decode_image(data, self.size), self.size, self.min_scale)
             except BadSample as exc:
                 warnings.append(f"image not used: {exc}")
         text = None
@@ -213,7 +215,8 @@ class Classifier:
         self.labels: List[str] = list(artifact.labels)
         self.modalities: List[str] = list(artifact.model.names)
         data = artifact.cfg.data
-        self.preprocessor = Preprocessor(data.image_size, artifact.modalities, max_image_pixels, max_image_bytes)
+        self.preprocessor = Preprocessor(data.image_size, data.min_crop_scale, artifact.modalities, max_image_pixels,
+                                         max_image_bytes)
         self._collate = Collate(artifact.tokenizer, int(data.max_text_length), int(data.image_size),
                                 BadSampleCounter(strict=False), normalize=not uint8_pixels(data),
                                 modalities=artifact.modalities)

@@ -163,7 +163,8 @@ class DataConfig:
     val_root: Optional[str] = None
     test_root: Optional[str] = None
     image_size: int = 224
-    # random-resized-crop area range [min_crop_scale, 1]: ImageNet's 0.08 cuts most of a centred product away
+    # random-resized-crop area range [min_crop_scale, 1]: ImageNet's 0.08 cuts most of a centred product away;
+    # it also decides the eval view's region (transforms.eval_box)
     min_crop_scale: float = 0.35
     max_text_length: int = 64
     num_workers: int = 2

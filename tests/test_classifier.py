@@ -128,7 +128,7 @@ def test_attributes_given_to_the_api_encode_as_packed_samples_do(tmp_path):
     assert main(["pack", str(raw / "products.csv"), "--out", str(packed), "--image-size", "32",
                  "--attribute-columns", "brand,colour,price", "--attribute-min-count", "2"]) == 0
     modality = Attributes({"attributes.json": packed / "attributes.json"})
-    pre = Preprocessor(32, [modality])
+    pre = Preprocessor(32, 0.35, [modality])
     by_id = {r["id"]: r for r in rows}
     seen = 0
     for _, sample in read_packed(packed):

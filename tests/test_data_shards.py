@@ -13,8 +13,8 @@ from _shards import LABELS, write_img2dataset, write_packed, write_split
 from mmcat.config import TrainRunConfig, load_config
 from mmcat.data import DataError, label_counts, read_labels, split_sizes
 from mmcat.data.samples import BadSample, LabelReader, decode_image
-from mmcat.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, color_jitter, eval_view, random_resized_crop_box,
-                                   to_pixel_values, train_view)
+from mmcat.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, color_jitter, crop_resize, eval_box, eval_view,
+                                   random_resized_crop_box, to_pixel_values, train_view)
 from mmcat.images import jpeg_size
 
 
@@ -97,6 +97,24 @@ def test_decode_scaled_reduces_by_the_side_the_caller_resizes_by():
     assert decode_scaled(b"not an image", None, 10) is None
 
 
+@pytest.mark.parametrize("height, width", [(90, 120), (120, 90), (60, 200), (200, 60), (77, 77), (64, 85)])
+def test_without_random_crops_eval_shows_the_region_training_saw(height, width):
+    """data.min_crop_scale 1.0: every training crop is one region (the whole photo, or its largest centred part
+    with an aspect ratio in 3/4-4/3), and eval, predict and serve show that region, not the ImageNet centre crop,
+    which shows objects larger than training ever did and cuts off what lies near the edges."""
+    img = np.random.default_rng(height * width).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    box = eval_box(height, width, 1.0)
+    top, left, h, w = box
+    assert min(h, w) == min(height, width) and 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02  # the shorter side kept
+    assert (h, w) == (height, width) or max(h, w) < max(height, width)  # only too wide or tall photos are cut
+    for s in range(50):  # a try that succeeds at scale 1 may round a side one pixel short
+        trained = random_resized_crop_box(height, width, random.Random(s), scale=(1.0, 1.0))
+        assert max(abs(a - b) for a, b in zip(trained, box)) <= 1
+    assert np.array_equal(eval_view(img, 32, 1.0), crop_resize(img, box, 32))
+    side = round(0.875 * min(height, width))  # with random crops: the ImageNet protocol's centre crop
+    assert eval_box(height, width, 0.35) == ((height - side) // 2, (width - side) // 2, side, side)
+
+
 def test_transforms_shapes_determinism_and_normalisation():
     img = np.random.default_rng(1).integers(0, 255, (90, 120, 3), dtype=np.uint8)
     for seed in range(20):
@@ -105,7 +123,7 @@ def test_transforms_shapes_determinism_and_normalisation():
     a, b = train_view(img, 32, random.Random(7)), train_view(img, 32, random.Random(7))
     assert a.shape == (32, 32, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
     assert not np.array_equal(a, train_view(img, 32, random.Random(8)))
-    e = eval_view(img, 32)
+    e = eval_view(img, 32, 0.35)
     assert e.shape == (32, 32, 3)
     flat = np.zeros((2, 8, 8, 3), np.uint8)
     flat[:] = (np.array(IMAGENET_MEAN) * 255).round().astype(np.uint8)

@@ -35,9 +35,9 @@ def data_cfg(root: Path, size: int, decode_on: str, *overrides: str):
                                               "train.batch_size=4", "data.num_workers=0", *overrides])
 
 
-def eval_pixels(root: Path, size: int, decode_on: str, tokenizer, split: str = "val") -> dict:
+def eval_pixels(root: Path, size: int, decode_on: str, tokenizer, split: str = "val", *overrides: str) -> dict:
     """key -> (pixels as int, has_image) of every sample the eval loader yields, decoded where decode_on says."""
-    cfg = data_cfg(root, size, decode_on)
+    cfg = data_cfg(root, size, decode_on, *overrides)
     out = {}
     for b in build_eval_loader(cfg.data, split, tokenizer, batch_size=4, num_workers=0):
         b = decode_batch(b, CPU)
@@ -53,13 +53,17 @@ def max_mean_diff(a: dict, b: dict) -> tuple:
 
 
 # ------------------------------------------------------------------------------------------ pixels vs the CPU path
-@pytest.mark.parametrize("photo, size, tolerance", [
-    ((64, 48), 32, 0),  # both sides shrink: INTER_AREA, reproduced exactly
-    ((64, 48), 64, 1),  # enlarging: INTER_LINEAR, OpenCV's fixed-point weights vs float: one level at most
+@pytest.mark.parametrize("photo, size, tolerance, min_crop_scale", [
+    ((64, 48), 32, 0, 0.35),  # both sides shrink: INTER_AREA, reproduced exactly
+    ((64, 48), 64, 1, 0.35),  # enlarging: INTER_LINEAR, OpenCV's fixed-point weights vs float: one level at most
+    ((96, 40), 32, 0, 1.0),  # no random crops: the eval view is the photo's widest 4:3 part, not the centre crop
 ])
-def test_eval_view_matches_the_cpu_path(tmp_path, tokenizer, photo, size, tolerance):
+def test_eval_view_matches_the_cpu_path(tmp_path, tokenizer, photo, size, tolerance, min_crop_scale):
     write_split(tmp_path, "val", [5, 3], image_size=photo, missing_every=4)
-    cpu, dev = eval_pixels(tmp_path, size, "cpu", tokenizer), eval_pixels(tmp_path, size, "device", tokenizer)
+    view = f"data.min_crop_scale={min_crop_scale}"
+    cpu, dev = (eval_pixels(tmp_path, size, on, tokenizer, "val", view) for on in ("cpu", "device"))
+    if min_crop_scale == 1.0:  # the setting reaches the view: the centre crop shows other pixels
+        assert max_mean_diff(cpu, eval_pixels(tmp_path, size, "cpu", tokenizer, "val", "data.min_crop_scale=0.5"))[1]
     assert {k: h for k, (_, h) in cpu.items()} == {k: h for k, (_, h) in dev.items()}  # same image masks
     assert any(not h for _, h in dev.values())  # a sample without image stays zeros on both paths
     assert max_mean_diff(cpu, dev)[0] <= tolerance

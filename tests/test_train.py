@@ -82,8 +82,8 @@ def test_artifact_config_holds_what_inference_needs_only(baseline_run, tiny_pack
     written = yaml.safe_load((best / "config.yaml").read_text())
     run_cfg = yaml.safe_load((baseline_run / "config.yaml").read_text())
     assert set(written) == {"model", "data"} and written["model"] == run_cfg["model"]
-    assert written["data"] == {k: run_cfg["data"][k] for k in ("image_size", "max_text_length", "label_key",
-                                                               "uint8_pixels")}
+    assert written["data"] == {k: run_cfg["data"][k] for k in ("image_size", "min_crop_scale", "max_text_length",
+                                                               "label_key", "uint8_pixels")}
     assert str(tiny_packed_dataset) not in (best / "config.yaml").read_text()
 
     old = tmp_path / "old_best"

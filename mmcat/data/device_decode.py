@@ -37,7 +37,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mmcat.data.samples import BadSample, BadSampleCounter, decode_image
-from mmcat.data.transforms import JITTER, center_crop_box, random_resized_crop_box
+from mmcat.data.transforms import JITTER, eval_box, random_resized_crop_box
 from mmcat.errors import DataError
 
 DECODE_ON = ("cpu", "device")
@@ -83,7 +83,7 @@ def decode_batch(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
             continue
         rng = random.Random(seeds[i]) if view.train else None
         boxes.append(random_resized_crop_box(img.shape[1], img.shape[2], rng, scale=(view.min_scale, 1.0)) if rng
-                     else center_crop_box(img.shape[1], img.shape[2], view.size))
+                     else eval_box(img.shape[1], img.shape[2], view.min_scale))
         if rng:  # the draws of transforms.train_view, in its order: crop box, flip, jitter factors
             flips.append(rng.random() < 0.5)
             factors.append(tuple(rng.uniform(1 - JITTER, 1 + JITTER) for _ in range(3)))

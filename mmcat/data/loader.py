@@ -278,7 +278,8 @@ class _DecodeAugment:
                     self.counter.record(str(exc), f"{s['key']} in {s['url']}")
                     continue
                 rng = random.Random(s["seed"]) if self.train else None
-                s["pixels"] = train_view(img, self.size, rng, self.min_scale) if rng else eval_view(img, self.size)
+                s["pixels"] = train_view(img, self.size, rng, self.min_scale) if rng else \
+                    eval_view(img, self.size, self.min_scale)
             del s["image"]
             yield s
 
