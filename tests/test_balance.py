@@ -159,6 +159,27 @@ def test_competition_rule_names_the_starved_modality():
     assert competition.ablation_gaps({"fused": {"macro_f1": 0.8}, "image_only": {"macro_f1": 0.5}}) == {"image": 0.3}
 
 
+def test_a_slow_starter_is_warned_about_then_declared_recovered_and_a_relapse_warned_again():
+    """The CPU recipe on `market` (12 classes, limit 1.5 / 12 = 0.125): the from-scratch image half sits near chance
+    for three epochs, then learns. The warning fires at the third evaluation, the recovery after three in a row at
+    or above the limit (one lucky evaluation is noise), and weak_modalities (the list left at the end) names only a
+    modality still starved."""
+    history, warned, events = {}, [], []
+    image_f1 = [0.041, 0.029, 0.045, 0.130, 0.110, 0.214, 0.30, 0.35, 0.05, 0.04, 0.03]
+    for i, image in enumerate(image_f1):
+        fused = 0.3 + 0.04 * i
+        competition.record(history, {"fused": {"macro_f1": fused}, "image_only": {"macro_f1": image},
+                                     "text_only": {"macro_f1": fused}}, ["fused", "image_only", "text_only"])
+        warn, recovered = competition.update(history, warned, num_labels=12)
+        events += [(i, "warn", m) for m in warn] + [(i, "recovered", m) for m in recovered]
+        if i == 7:
+            assert warned == []  # a run ending here reports no weak modality
+    assert events == [(2, "warn", "image"), (7, "recovered", "image"), (10, "warn", "image")]
+    assert warned == ["image"]
+    msg = competition.recovery_message("image", {"image_only": [0.214, 0.30, 0.35]}, 12)
+    assert "'image'" in msg and "0.214, 0.300, 0.350" in msg and "weak_modalities" in msg and "\n" not in msg
+
+
 def test_an_artifact_from_before_the_aux_heads_loads_and_predicts_the_same(tiny_text, tmp_path):
     """best/ written before auxiliary heads existed: no aux weights, and a config.yaml without the balance keys (so
     the schema default aux_loss_weight=0.5 asks for heads). The training-only parts are not needed to predict."""

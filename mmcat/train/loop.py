@@ -353,18 +353,20 @@ class Trainer:
         return None
 
     def _check_competition(self, res: Dict[str, Dict]) -> None:
-        """Warn (log + each tracker's text, once per modality) when a modality's ablation stays near chance while the
-        fused model holds or improves (mmcat.train.competition): another modality took all the gradient."""
+        """Warn (log + each tracker's text) when a modality's ablation stays near chance while the fused model holds
+        or improves (mmcat.train.competition): another modality took all the gradient; say so too when a warned
+        modality recovers."""
         st = self.state
         competition.record(st.ablation_history, res, self.modes)
-        for name in competition.starved(st.ablation_history, len(self.labels)):
-            if name in st.competition_warned:
-                continue
-            st.competition_warned.append(name)
-            if self.accelerator.is_main_process:
-                msg = competition.message(name, st.ablation_history, len(self.labels))
-                log.warning(msg)
-                trackers.log_warning(self.accelerator, "warnings/modality_competition", msg, st.global_step, name)
+        warn, recovered = competition.update(st.ablation_history, st.competition_warned, len(self.labels))
+        if not self.accelerator.is_main_process:
+            return
+        n = len(self.labels)
+        notes = [(name, log.warning, competition.message(name, st.ablation_history, n)) for name in warn]
+        notes += [(name, log.info, competition.recovery_message(name, st.ablation_history, n)) for name in recovered]
+        for name, emit, msg in notes:
+            emit(msg)
+            trackers.log_warning(self.accelerator, "warnings/modality_competition", msg, st.global_step, name)
 
     def _export_best(self, val_metrics: Dict) -> None:
         from mmcat.artifact import export_artifact
