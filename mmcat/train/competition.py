@@ -6,8 +6,9 @@ above chance, held or improved its macro-F1 over them is named in a log warning 
 remedies. A from-scratch encoder can be slow to start rather than starved (the ResNet of the CPU recipe on
 `market`: image-only val macro-F1 0.04, 0.03, 0.05 over the first three epochs, 0.39 at the end), so a warned
 modality whose ablation is back at the limit or above for ``WARN_AFTER_EVALS`` evaluations in a row is declared
-recovered, in the log and the same text tag, and may be warned about again if it falls back. ``metrics.json`` gets the ablation gap (fused minus ``<m>_only``
-macro-F1) per split and ``weak_modalities``: those still warned about when the run ends.
+recovered, in the log and the same text tag, and may be warned about again if it falls back. ``metrics.json`` gets
+the ablation gap (fused minus ``<m>_only`` macro-F1) per split and ``weak_modalities``: those still warned about
+when the run ends.
 """
 from __future__ import annotations
 
@@ -70,9 +71,8 @@ def message(name: str, history: Dict[str, List[float]], num_labels: int) -> str:
 def recovery_message(name: str, history: Dict[str, List[float]], num_labels: int) -> str:
     return (f"modality competition over: the '{name}' half now learns inside the fused model ({name}-only val "
             f"macro-F1 {', '.join(f'{v:.3f}' for v in history[f'{name}_only'][-WARN_AFTER_EVALS:])}, at least "
-            f"{NEAR_CHANCE:g} x chance "
-            f"{1 / max(num_labels, 1):.3f}); it was slow to start, not starved, and is no longer listed in "
-            f"metrics.json weak_modalities")
+            f"{NEAR_CHANCE:g} x chance {1 / max(num_labels, 1):.3f}); it was slow to start, not starved, and is no "
+            f"longer listed in metrics.json weak_modalities")
 
 
 def ablation_gaps(results: Dict[str, Dict]) -> Dict[str, float]:
