@@ -8,7 +8,11 @@ Model: the ResNet-50 + BERT-base *architecture* (random weights: no hub needed; 
 bert-base), gated fusion, 224 px, text 64 tokens, channels-last, bf16 autocast, AdamW (fused on CUDA),
 optionally ``torch.compile``. Data: ``mmcat synth`` products packed with ``mmcat pack`` (256 px), or a packed
 folder of your own (``--data``), read as the trainer reads it (one ``PersistentTrainLoader``: the workers live
-across epochs) with uint8 pixels (normalised on the device), epochs cycled until --steps are done.
+across epochs) with uint8 pixels (normalised on the device). The shards are read in resampled mode
+(``data.resampled``) with one virtual epoch as long as the whole run: a small benchmark set would otherwise start a
+new epoch every few steps, and every epoch start waits for each worker's first batch (the 2,160-sample train split
+of ``gpu_checks.sh`` is 8 batches of 256). What a worker does per sample (read, check, decode, augment, tokenize)
+is the same in both modes.
 ``--decode-on device`` (``data.decode_on=device``): the workers only batch the JPEG bytes and each step first
 decodes + augments them on the device (``mmcat.data.device_decode.decode_batch``, nvjpeg on a GPU), inside the
 timed step as in the trainer; run once with each value (same --work, same machine) to compare the two.
@@ -16,7 +20,9 @@ timed step as in the trainer; run once with each value (same --work, same machin
 Reports (and writes as JSON): samples/s end to end (loader + forward/backward/step), the data-wait fraction (time
 blocked on the loader / step time), peak GPU memory, FLOPs per sample (torch.utils.flop_counter, forward +
 backward) and MFU (FLOPs/sample x rate / the device's dense bf16 peak), and the same model on one random batch
-kept on the device: the ceiling without I/O; end-to-end / ceiling is the data pipeline's efficiency.
+kept on the device: the ceiling without I/O; end-to-end / ceiling is the data pipeline's efficiency; and the
+loader alone (batches pulled as fast as the workers deliver them, nothing else running): whether the workers could
+keep up with the ceiling at all.
 Issue 15's targets on one H100: >= 2,500 samples/s end to end, data wait < 5 %. --smoke: ResNet-18 + a 2-layer
 tiny BERT at 32 px, a few steps, on the CPU (MFU and GPU memory are then n/a, written as null).
 """
@@ -121,6 +127,17 @@ def run(model: Any, optimizer: Any, source: Iterator[Dict[str, Any]], steps: int
     return {"samples_per_s": samples / wall, "data_wait_fraction": min(1.0, wait / wall)}
 
 
+def loader_rate(source: Iterator[Dict[str, Any]], n: int, warmup: int) -> float:
+    """Samples/s of the loader alone: ``n`` batches pulled after ``warmup`` (the workers' start and what they
+    prefetched meanwhile)."""
+    for _ in range(warmup):
+        next(source)
+    start, samples = time.perf_counter(), 0
+    for _ in range(n):
+        samples += len(next(source)["labels"])
+    return samples / (time.perf_counter() - start)
+
+
 def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     """What the trainer does with a batch: decode its JPEG bytes on the device (data.decode_on=device), move it."""
     if "image_bytes" in batch:
@@ -181,12 +198,18 @@ def main(argv: Optional[list] = None) -> int:
         "model.image.weights=none", f"model.text.name={text_model(work, args.smoke)}", "model.text.pretrained=false",
         "model.fusion=gated", f"data.image_size={size}", f"data.max_text_length={text_len}",
         f"data.num_workers={args.workers}", f"train.batch_size={args.batch}", "data.uint8_pixels=true",
-        "model.image.channels_last=true",
+        "model.image.channels_last=true", "data.resampled=true",
+        f"data.samples_per_epoch={4 * args.steps * args.batch}",  # more than any phase below pulls
         *([f"data.decode_on={args.decode_on}"] if args.decode_on != "cpu" else [])])  # cpu: the schema's default
     tokenizer = load_tokenizer(cfg.model.text)
     labels = json.loads((packed / "labels.json").read_text())
     amp = device.type == "cuda"  # bf16 autocast on the GPU; the CPU smoke run stays fp32 (bf16 is slow there)
     figures: Dict[str, Any] = {}
+    source = batches(cfg, tokenizer)
+    # the warm-up drains what the workers prefetched while starting, which would otherwise count as instant
+    prefetched = args.workers * int(cfg.data.prefetch_factor)
+    figures["loader_samples_per_s"] = loader_rate(source, max(2, args.steps - args.warmup), prefetched + args.warmup)
+    source.close()  # stops its workers before the timed runs start theirs
     for name in ("ceiling", "end_to_end"):  # a fresh model and optimizer each: the same start for both
         torch.manual_seed(0)
         model = build_model(cfg.model, len(labels)).to(device)
@@ -220,6 +243,7 @@ def main(argv: Optional[list] = None) -> int:
         "mfu": figures["flops_per_sample"] * e2e["samples_per_s"] / peak if peak else None,
         "ceiling_samples_per_s": ceil["samples_per_s"], "ceiling_peak_gpu_memory_gb": ceil.get("peak_gpu_memory_gb"),
         "pipeline_efficiency": e2e["samples_per_s"] / ceil["samples_per_s"],
+        "loader_samples_per_s": figures["loader_samples_per_s"],
         "targets": "one H100: >= 2500 samples/s end to end, data wait < 0.05"}
     path = args.json or Path(__file__).parent / "results" / f"gpu-{time.strftime('%Y-%m-%dT%H%M%S', time.gmtime())}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

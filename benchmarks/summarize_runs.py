@@ -3,7 +3,8 @@
     python benchmarks/summarize_runs.py OUT.json RUN_DIR...
 
 Per run: medians from step 30 of train/samples_per_s, perf/mfu and train/data_wait_fraction, the largest
-perf/peak_gpu_memory_gb, the first and last train/loss, FLOPs per sample, and whether best/ was exported."""
+perf/peak_gpu_memory_gb, the first and last train/loss, perf/compiled_graphs by step (train.compile), FLOPs per
+sample, and whether best/ was exported."""
 import json, statistics, sys
 from pathlib import Path
 from mmcat.report.runlogs import read_scalars
@@ -26,6 +27,8 @@ for run in sys.argv[2:]:
     r["peak_gpu_memory_gb"] = max(v for _, v in mem) if mem else None
     loss = s.get("train/loss", [])
     r["loss_first_last"] = [loss[0][1], loss[-1][1]] if loss else None
+    graphs = s.get("perf/compiled_graphs", [])  # train.compile: a count that grows with each recompile
+    r["compiled_graphs"] = [[step, v] for step, v in graphs] if graphs else None
     r["flops_per_sample"] = (s.get("perf/flops_per_sample") or [[0, None]])[-1][1]
     m = run / "metrics.json"
     if m.is_file():

@@ -18,7 +18,7 @@ def test_bench_gpu_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["smoke"] is True and r["device"] == "cpu" and r["model"] == "resnet18 + tiny BERT"
-    assert r["samples_per_s"] > 0 and r["ceiling_samples_per_s"] > 0
+    assert r["samples_per_s"] > 0 and r["ceiling_samples_per_s"] > 0 and r["loader_samples_per_s"] > 0
     assert 0.0 <= r["data_wait_fraction"] <= 1.0
     assert math.isclose(r["pipeline_efficiency"], r["samples_per_s"] / r["ceiling_samples_per_s"])
     # ResNet-18 at 32 px alone is ~0.15 GFLOPs forward per sample (x3 with backward): a wrong count shows here
