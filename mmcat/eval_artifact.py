@@ -14,8 +14,9 @@ from omegaconf import OmegaConf
 from mmcat.artifact import load_artifact
 from mmcat.calibration import (EvalScores, ece_rows, format_calibration, read_temperatures,
                                threshold_for_precision, write_calibration)
-from mmcat.evaluation import dummy_batch, evaluate
+from mmcat.evaluation import dummy_batch, evaluate, format_influence
 from mmcat.metrics import format_table, summary
+from mmcat.train import competition
 from mmcat.train.accel import multi_cpu_ddp, process_group_kwargs
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,14 @@ def evaluate_artifact(model_dir: str, data_root: str, split: str = "test", batch
         report["target_precision"] = {"precision": target_precision,
                                       "reached": threshold_for_precision(*scores.fused, target_precision)}
     report.update(split=split, model=str(model_dir), data=data_root, skipped_samples=res["skipped_samples"],
-                  per_class={m: res[m]["per_class"] for m in modes},
+                  modality_influence=res["influence"], per_class={m: res[m]["per_class"] for m in modes},
                   confusion_matrix={m: res[m]["confusion_matrix"] for m in modes})
     if acc.is_main_process:
         print(format_table(res, title=f"[{split}] {model_dir}"), flush=True)
         print(format_calibration(report, split), flush=True)
+        print(format_influence(res["influence"], split), flush=True)
+    report["unused_modalities"] = competition.warn_unused(res, len(art.labels), split, log, acc.is_main_process)
+    if acc.is_main_process:
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(json.dumps(report, indent=2))

@@ -8,6 +8,10 @@ Each rank evaluates its own shards; predictions are gathered as objects with ``g
 counts are exact (no padded duplicates) whatever the number of ranks. Ranks step in lockstep: one that has run out
 of batches runs a throw-away forward on a dummy batch, because DeepSpeed ZeRO-3 gathers parameters collectively in
 every forward and a rank that stopped early would hang the others.
+
+Besides the metrics, ``results["influence"]`` says whether the fused model *uses* each modality: the share of its
+predictions that change when that modality alone is hidden (:func:`decision_influence`). A mode's metrics cannot
+show it: a gated fusion that shut the text out entirely scores exactly what its image-only mode scores.
 """
 from __future__ import annotations
 
@@ -23,6 +27,43 @@ from mmcat.errors import DataError
 from mmcat.metrics import MODES, classification_metrics
 from mmcat.calibration import EvalScores
 from mmcat.models.fusion import forward_modes, mode_masks
+
+
+def hidden_mode(name: str, names: Sequence[str], modes: Sequence[str]) -> Optional[str]:
+    """The mode that hides ``name`` and nothing else: ``without_<name>``, or with two modalities the other's
+    ``<m>_only``; None when the modes have neither."""
+    if f"without_{name}" in modes:
+        return f"without_{name}"
+    others = [n for n in names if n != name]
+    return f"{others[0]}_only" if len(others) == 1 and f"{others[0]}_only" in modes else None
+
+
+def decision_influence(preds: Dict[str, List[int]], present: Dict[str, List[bool]],
+                       modes: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """Per modality m: ``samples``, those that have m and at least one other modality (where the fused model could
+    use m or not), and ``changed``, the share of them whose fused prediction changes when m is hidden. ``preds``:
+    per mode, the predicted class of every sample (one order across modes); ``present``: per modality, whether
+    each sample has it. Empty for a one-modality model."""
+    names = [n for n in present if f"{n}_only" in modes]  # the model's modalities (a batch may carry more masks)
+    if "fused" not in modes or len(names) < 2:
+        return {}
+    out = {}
+    for name in names:
+        mode = hidden_mode(name, names, modes)
+        if mode is None:
+            continue
+        rows = [i for i, has in enumerate(present[name]) if has and any(present[n][i] for n in names if n != name)]
+        changed = sum(preds["fused"][i] != preds[mode][i] for i in rows)
+        out[name] = {"samples": len(rows), "changed": round(changed / len(rows), 6) if rows else 0.0}
+    return out
+
+
+def format_influence(influence: Dict[str, Dict[str, float]], split: str) -> str:
+    """One line: how many fused predictions change when each modality is hidden."""
+    if not influence:
+        return f"[{split}] influence: one modality, nothing to hide"
+    parts = [f"{name} {v['changed']:.1%} of {v['samples']}" for name, v in influence.items()]
+    return f"[{split}] fused predictions that change when one input is hidden: " + ", ".join(parts)
 
 
 def dummy_batch(tokenizer: Any, image_size: int, modalities: Sequence[Any] = ()) -> Dict[str, Any]:
@@ -57,6 +98,9 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelera
     targets: List[int] = []
     skipped = 0
     dummy = send_to_device(dummy, accelerator.device)
+    # per modality, per sample: whether the sample has it (the names from the dummy, which has every modality's
+    # mask, so that a rank without eval batches gathers the same lists as the others)
+    present: Dict[str, List[bool]] = {name: [] for name in mode_masks(dummy, "fused")}
     with iterate_batches(batches) as iterator:
         while True:
             batch = next(iterator, None)
@@ -83,6 +127,8 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelera
             if real:
                 targets.extend(batch["labels"].tolist())
                 skipped += int(batch.get("skipped", 0))
+                for name, mask in mode_masks(batch, "fused").items():
+                    present[name].extend(mask.bool().tolist())
     model.train(was_training)
 
     all_targets = accelerator.gather_for_metrics(targets, use_gather_object=True)
@@ -91,9 +137,12 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, Any]], accelera
         raise DataError("nothing to evaluate: every sample was skipped as bad (the warnings above say why, "
                         "e.g. a missing label member)")
     results: Dict[str, Dict] = {}
+    all_preds = {m: accelerator.gather_for_metrics(preds[m], use_gather_object=True) for m in modes}
     for mode in modes:
-        all_preds = accelerator.gather_for_metrics(preds[mode], use_gather_object=True)
-        results[mode] = classification_metrics(all_targets, all_preds, labels)
+        results[mode] = classification_metrics(all_targets, all_preds[mode], labels)
+    # every rank's lists in rank order, the same order as the predictions: sample i lines up across them
+    all_present = {n: accelerator.gather_for_metrics(v, use_gather_object=True) for n, v in present.items()}
+    results["influence"] = decision_influence(all_preds, all_present, modes)
     results["skipped_samples"] = total_skipped
     if calibration is not None:
         results["calibration"] = calibration.finish(accelerator, modes)

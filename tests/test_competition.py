@@ -116,6 +116,7 @@ def test_unimodal_model_trains_end_to_end_and_eval_matches(tiny_packed_dataset, 
                      "train.epochs=1")
     m = metrics(run_dir)
     assert m["modalities"] == [modality] and list(m["test"]) == ["fused"] and m["ablation_gap"]["test"] == {}
+    assert m["modality_influence"]["test"] == {} and m["unused_modalities"] == []  # nothing to hide
     best = run_dir / "best"
     assert (best / "text_encoder").is_dir() == (modality == "text")
     out = tmp_path / f"{modality}_eval.json"

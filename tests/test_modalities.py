@@ -207,6 +207,10 @@ def test_attributes_train_evaluate_and_add_what_image_and_text_lack(attr_data, t
     got = json.loads(out.read_text())
     for mode in modes_for(["image", "text", "attributes"]):
         assert got[mode]["accuracy"] == pytest.approx(m3[mode]["accuracy"]) and got[mode]["num_samples"] == 60
+    # three modalities: hiding one is its without_<m> mode; the run and eval agree, and the brand is used
+    assert got["modality_influence"] == metrics(three)["modality_influence"]["test"]
+    assert list(got["modality_influence"]) == ["image", "text", "attributes"]
+    assert got["modality_influence"]["attributes"]["changed"] > 0
 
 
 def test_a_modality_from_a_plugin_module_trains_end_to_end(attr_data, tiny_text, tmp_path):

@@ -9,13 +9,24 @@ modality whose ablation is back at the limit or above for ``WARN_AFTER_EVALS`` e
 recovered, in the log and the same text tag, and may be warned about again if it falls back. ``metrics.json`` gets
 the ablation gap (fused minus ``<m>_only`` macro-F1) per split and ``weak_modalities``: those still warned about
 when the run ends.
+
+The other failure is the reverse: a modality that learned (its ``<m>_only`` ablation well above chance) but that
+the fused model ignores whenever the others are present. A gated fusion can shut one input out this way (seen on an
+H100 run: fused and image-only macro-F1 identical on val and test). The ablations cannot show it; the decision
+influence can (:func:`mmcat.evaluation.decision_influence`). At the end of a run, and in ``mmcat eval``, a
+modality whose hiding changes under ``UNUSED_BELOW`` of the fused predictions, over at least ``MIN_SAMPLES`` samples,
+while it alone scores at least ``NEAR_CHANCE`` x chance, is named in a warning and in ``unused_modalities``.
 """
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Sequence, Tuple
 
 NEAR_CHANCE = 1.5  # x chance macro-F1 (1 / number of classes)
 WARN_AFTER_EVALS = 3
+
+UNUSED_BELOW = 0.01  # share of fused predictions that change when the modality is hidden
+MIN_SAMPLES = 30  # fewer samples that have it and another modality say too little to judge
 
 REMEDIES = ("raise model.aux_loss_weight (or model.aux_loss_weights.{m}), raise model.modality_dropout or set "
             "model.modality_dropout_target=stronger, try model.ogm_alpha=0.5, or train a model on {m} alone "
@@ -80,3 +91,31 @@ def ablation_gaps(results: Dict[str, Dict]) -> Dict[str, float]:
     fused = float(results["fused"]["macro_f1"])
     return {mode[:-len("_only")]: round(fused - float(r["macro_f1"]), 6)
             for mode, r in results.items() if mode.endswith("_only")}
+
+
+def unused(influence: Dict[str, Dict[str, float]], results: Dict[str, Dict], num_labels: int) -> List[str]:
+    """Modalities the fused model ignores although they carry signal alone (see the module docstring)."""
+    limit = NEAR_CHANCE / max(num_labels, 1)
+    return [m for m, inf in influence.items()
+            if inf["samples"] >= MIN_SAMPLES and inf["changed"] < UNUSED_BELOW
+            and float(results.get(f"{m}_only", {}).get("macro_f1", 0.0)) >= limit]
+
+
+def unused_message(name: str, influence: Dict[str, Dict[str, float]], results: Dict[str, Dict], num_labels: int,
+                   split: str) -> str:
+    inf, alone = influence[name], float(results[f"{name}_only"]["macro_f1"])
+    return (f"the fused model does not use '{name}': hiding it changes {inf['changed']:.1%} of the {split} predictions "
+            f"({inf['samples']} samples that have it and another input), although {name}_only scores macro-F1 "
+            f"{alone:.3f} (chance {1 / max(num_labels, 1):.3f}); its fusion shuts '{name}' out whenever the others "
+            f"are present. If '{name}' tells something the others do not, compare a run with model.fusion=late "
+            f"(which weighs every present input by construction) or concat")
+
+
+def warn_unused(results: Dict[str, Dict], num_labels: int, split: str, log: logging.Logger,
+                speak: bool = True) -> List[str]:
+    """:func:`unused` on an evaluation's results (``results["influence"]``), each one named in a log warning
+    (``speak``: on the main process only); the end of a training run and ``mmcat eval`` both call this."""
+    names = unused(results["influence"], results, num_labels)
+    for name in names if speak else ():
+        log.warning(unused_message(name, results["influence"], results, num_labels, split))
+    return names

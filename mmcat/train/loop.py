@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from accelerate.utils import send_to_device
@@ -438,6 +438,8 @@ class Trainer:
             art = load_artifact(self.out / "best", device=acc.device)
         results: Dict[str, Any] = {}
         gaps: Dict[str, Dict[str, float]] = {}  # fused minus <m>_only macro-F1, per split
+        influence: Dict[str, Dict[str, Dict[str, float]]] = {}  # per split: does the fused model use each input
+        unused: Optional[List[str]] = None  # judged on the first split (val)
         temperatures: Optional[Dict[str, float]] = None  # fit on val
         calibration: Dict[str, Any] = {}
         for split in filter(None, (self.cfg.data.val_split, self.cfg.data.test_split)):  # test_split may be null
@@ -449,13 +451,17 @@ class Trainer:
             calibration[split] = self._calibration(split, res["calibration"])
             temperatures = temperatures_of(res["calibration"]["fit"]) if temperatures is None else temperatures
             gaps[split] = competition.ablation_gaps(res)
+            influence[split] = res["influence"]
+            if unused is None:
+                unused = competition.warn_unused(res, len(self.labels), split, log, acc.is_main_process)
             if acc.is_main_process:
                 print(format_table(res, title=f"[{split}] best model (step {st.best_step})"), flush=True)
         results.update(global_step=st.global_step, samples_seen=st.samples_seen, best_step=st.best_step,
                        skipped_samples=st.skipped_samples, world_size=acc.num_processes,
                        modalities=list(self.setup.modality_names), precision=str(acc.mixed_precision),
                        ablation_gap=gaps, calibration=calibration,
-                       weak_modalities=list(st.competition_warned),
+                       weak_modalities=list(st.competition_warned), modality_influence=influence,
+                       unused_modalities=unused or [],
                        final_weights_sha256=weights_sha256(full_state_dict(acc, self.model)))
         if acc.is_main_process:
             write_atomic(self.out / "metrics.json", json.dumps(results, indent=2))
