@@ -178,12 +178,32 @@ def test_model_report_numbers_are_evals(model_page, eval_json, report_run, tiny_
         name = row.td.get_text()
         assert values(row) == [eval_json["per_class"][m][name]["f1-score"] for m in modes]
 
+    influence = page.find("p", class_="influence").get_text()  # does the fused model use each input
+    assert influence == "Fused predictions that change when one input is hidden: " + ", ".join(
+        f"{m} {v['changed']:.1%} of {v['samples']}" for m, v in eval_json["modality_influence"].items()) + "."
+    assert len(eval_json["modality_influence"]) == 2 and page.find("p", class_="unused") is None
+
     ece_rows = page.find("table", class_="ece").tbody.find_all("tr")
     by_input = eval_json["calibration"]["by_input"]
     assert [r.td.get_text() for r in ece_rows] == list(by_input)
     for row, v in zip(ece_rows, by_input.values()):
         assert values(row) == [v["num_samples"], v["temperature"], v["ece_before"], v["ece_after"]]
     assert page.find("svg", id="reliability") is not None
+
+
+def test_model_report_names_an_input_the_fused_model_ignores():
+    """The warning mmcat eval logs, on the page too (the report dict as eval writes it for such a model)."""
+    from mmcat.report.model import influence_note
+
+    report = {"split": "test", "fused": {"macro_f1": 0.74}, "image_only": {"macro_f1": 0.74},
+              "text_only": {"macro_f1": 0.62}, "unused_modalities": ["text"],
+              "modality_influence": {"image": {"samples": 120, "changed": 0.4}, "text": {"samples": 120, "changed": 0.0}}}
+    page = BeautifulSoup(influence_note(report, ["a", "b", "c", "d", "e", "f"]), "html.parser")
+    assert page.find("p", class_="influence").get_text().endswith("image 40.0% of 120, text 0.0% of 120.")
+    warning = page.find("p", class_="unused").get_text()
+    assert warning.startswith("the fused model does not use 'text': hiding it changes 0.0% of the test predictions")
+    assert "text_only scores macro-F1 0.620 (chance 0.167)" in warning
+    assert influence_note({"split": "test"}, ["a"]) == ""  # a report written before influence existed
 
 
 def test_model_report_examples_are_products_of_the_pair(model_page, eval_json, report_run, products):

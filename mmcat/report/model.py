@@ -21,6 +21,7 @@ from mmcat.calibration import BINS, FILE as CALIBRATION_FILE, ece
 from mmcat.errors import ConfigError
 from mmcat.report import html as H
 from mmcat.report.svg import confusion_svg, line_chart, reliability_svg
+from mmcat.train import competition
 
 TOP_PAIRS = 15  # ranked confusions listed beside the matrix
 EXAMPLE_PAIRS = 6  # most-confused pairs shown with example products
@@ -197,7 +198,22 @@ def modality_section(report: Dict[str, Any], labels: Sequence[str]) -> str:
     return H.section("What each modality contributes (F1 per class)",
                      '<p class="note">The same weights with inputs hidden: <code>image_only</code> / '
                      "<code>text_only</code> see one modality, <code>without_&lt;m&gt;</code> all but one.</p>",
-                     H.table(header, rows, sortable=True, cls="modalities", left_columns=len(header)), id="modalities")
+                     H.table(header, rows, sortable=True, cls="modalities", left_columns=len(header)),
+                     influence_note(report, labels), id="modalities")
+
+
+def influence_note(report: Dict[str, Any], labels: Sequence[str]) -> str:
+    """Whether the fused model uses each input (the share of its predictions that change when the input is hidden),
+    and the warning ``mmcat eval`` logs for an input it ignores."""
+    influence = report.get("modality_influence") or {}  # absent from reports written before it existed
+    if not influence:
+        return ""
+    parts = ", ".join(f"<b>{H.esc(m)}</b> {v['changed']:.1%} of {v['samples']}" for m, v in influence.items())
+    split = report.get("split", "")
+    warnings = "".join(
+        f'<p class="bad unused">{H.esc(competition.unused_message(m, influence, report, len(labels), split))}</p>'
+        for m in report.get("unused_modalities", []))
+    return f'<p class="influence">Fused predictions that change when one input is hidden: {parts}.</p>{warnings}'
 
 
 def _bar_cell(value: float, mode: str) -> str:
