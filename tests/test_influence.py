@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from train_helpers import metrics, mmcat_cmd, run, write_config
+from train_helpers import metrics, mmcat_cmd, run, tb_scalars, write_config
 
 from mmcat.evaluation import decision_influence
 
@@ -66,6 +66,12 @@ def test_eval_and_the_training_run_report_how_often_hiding_text_changes_a_predic
     assert trained["modality_influence"]["test"] == report["modality_influence"]
     assert set(trained["modality_influence"]) == {"val", "test"}
     assert isinstance(trained["unused_modalities"], list)
+    # and at every validation, in TensorBoard: a share of the val samples that have both inputs
+    n = trained["modality_influence"]["val"]["text"]["samples"]
+    for name in ("image", "text"):
+        curve = tb_scalars(baseline_run, f"val/influence/{name}")
+        assert sorted(curve) == sorted(tb_scalars(baseline_run, "val/fused/macro_f1"))
+        assert all(abs(v * n - round(v * n)) < 1e-4 for v in curve.values()), curve
 
 
 @pytest.fixture(scope="module")
