@@ -197,7 +197,8 @@ def test_model_report_names_an_input_the_fused_model_ignores():
 
     report = {"split": "test", "fused": {"macro_f1": 0.74}, "image_only": {"macro_f1": 0.74},
               "text_only": {"macro_f1": 0.62}, "unused_modalities": ["text"],
-              "modality_influence": {"image": {"samples": 120, "changed": 0.4}, "text": {"samples": 120, "changed": 0.0}}}
+              "modality_influence": {"image": {"samples": 120, "changed": 0.4},
+                                     "text": {"samples": 120, "changed": 0.0}}}
     page = BeautifulSoup(influence_note(report, ["a", "b", "c", "d", "e", "f"]), "html.parser")
     assert page.find("p", class_="influence").get_text().endswith("image 40.0% of 120, text 0.0% of 120.")
     warning = page.find("p", class_="unused").get_text()

@@ -335,7 +335,7 @@ class Trainer:
         st.last_eval_step = st.global_step
         fused = res["fused"]
         acc.log({**{f"val/{m}/{k}": res[m][k] for m in self.modes for k in ("accuracy", "macro_f1", "weighted_f1")},
-                 **{f"val/influence/{m}": v["changed"] for m, v in res["influence"].items()},  # a gate shutting out
+                 **{f"val/influence/{m}": v["changed"] for m, v in res["influence"].items()},  # is each input used
                  **per_class_f1(fused["per_class"])}, step=st.global_step)
         if acc.is_main_process:
             log.info("step %d val: %s", st.global_step, {m: round(res[m]["macro_f1"], 4) for m in self.modes})
