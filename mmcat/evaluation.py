@@ -58,12 +58,16 @@ def decision_influence(preds: Dict[str, List[int]], present: Dict[str, List[bool
     return out
 
 
+def influence_text(influence: Dict[str, Dict[str, float]]) -> str:
+    """``image 33.3% of 300, text 45.3% of 300``: the words ``mmcat eval`` prints and the report shows."""
+    return ", ".join(f"{name} {v['changed']:.1%} of {v['samples']}" for name, v in influence.items())
+
+
 def format_influence(influence: Dict[str, Dict[str, float]], split: str) -> str:
     """One line: how many fused predictions change when each modality is hidden."""
     if not influence:
         return f"[{split}] influence: one modality, nothing to hide"
-    parts = [f"{name} {v['changed']:.1%} of {v['samples']}" for name, v in influence.items()]
-    return f"[{split}] fused predictions that change when one input is hidden: " + ", ".join(parts)
+    return f"[{split}] fused predictions that change when one input is hidden: {influence_text(influence)}"
 
 
 def dummy_batch(tokenizer: Any, image_size: int, modalities: Sequence[Any] = ()) -> Dict[str, Any]:

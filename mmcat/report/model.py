@@ -19,6 +19,7 @@ import numpy as np
 
 from mmcat.calibration import BINS, FILE as CALIBRATION_FILE, ece
 from mmcat.errors import ConfigError
+from mmcat.evaluation import influence_text
 from mmcat.report import html as H
 from mmcat.report.svg import confusion_svg, line_chart, reliability_svg
 from mmcat.train import competition
@@ -208,7 +209,7 @@ def influence_note(report: Dict[str, Any], labels: Sequence[str]) -> str:
     influence = report.get("modality_influence") or {}  # absent from reports written before it existed
     if not influence:
         return ""
-    parts = ", ".join(f"<b>{H.esc(m)}</b> {v['changed']:.1%} of {v['samples']}" for m, v in influence.items())
+    parts = H.esc(influence_text(influence))
     split = report.get("split", "")
     warnings = "".join(
         f'<p class="bad unused">{H.esc(competition.unused_message(m, influence, report, len(labels), split))}</p>'

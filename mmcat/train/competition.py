@@ -33,6 +33,11 @@ REMEDIES = ("raise model.aux_loss_weight (or model.aux_loss_weights.{m}), raise 
             "(model.modalities=[{m}]) to see whether the data carries {m} signal at all")
 
 
+def chance(num_labels: int) -> float:
+    """Macro-F1 of guessing (1 / number of classes): the yardstick of both warnings."""
+    return 1 / max(num_labels, 1)
+
+
 def record(history: Dict[str, List[float]], results: Dict[str, Dict], modes: Sequence[str]) -> None:
     """Append this evaluation's fused and ``<m>_only`` macro-F1 to ``history`` (kept in the trainer state, so the
     check survives a resume)."""
@@ -45,7 +50,7 @@ def starved(history: Dict[str, List[float]], num_labels: int) -> List[str]:
     """Modalities whose ablation stayed near chance over the last ``WARN_AFTER_EVALS`` evaluations while the fused
     model, clearly above chance, kept or raised its macro-F1 over the same evaluations (it learned from the others)."""
     fused = history.get("fused", [])
-    limit = NEAR_CHANCE / max(num_labels, 1)
+    limit = NEAR_CHANCE * chance(num_labels)
     if len(fused) < WARN_AFTER_EVALS or fused[-1] < fused[-WARN_AFTER_EVALS] or fused[-1] < 2 * limit:
         return []
     out = []
@@ -58,7 +63,7 @@ def starved(history: Dict[str, List[float]], num_labels: int) -> List[str]:
 def update(history: Dict[str, List[float]], warned: List[str], num_labels: int) -> Tuple[List[str], List[str]]:
     """After an evaluation was recorded: (modalities to warn about now, modalities that recovered), with ``warned``
     (the trainer state's list of modalities currently warned about) updated in place."""
-    limit = NEAR_CHANCE / max(num_labels, 1)
+    limit = NEAR_CHANCE * chance(num_labels)
     # as many evaluations in a row at or above the limit as it took below to warn: one lucky evaluation near the
     # limit is noise (4 classes: 0.175, 0.175, 0.297, then 0.388 once, then 0.347 again)
     recovered = [m for m in warned if len(history.get(f"{m}_only", [])) >= WARN_AFTER_EVALS
@@ -74,7 +79,7 @@ def message(name: str, history: Dict[str, List[float]], num_labels: int) -> str:
     recent = ", ".join(f"{v:.3f}" for v in history[f"{name}_only"][-WARN_AFTER_EVALS:])
     fused = ", ".join(f"{v:.3f}" for v in history["fused"][-WARN_AFTER_EVALS:])
     return (f"modality competition: the '{name}' half has learned nothing inside the fused model ({name}-only val "
-            f"macro-F1 {recent}; chance {1 / max(num_labels, 1):.3f}) while the fused model learns from the others "
+            f"macro-F1 {recent}; chance {chance(num_labels):.3f}) while the fused model learns from the others "
             f"(fused {fused}). "
             f"Remedies: " + REMEDIES.format(m=name))
 
@@ -82,7 +87,7 @@ def message(name: str, history: Dict[str, List[float]], num_labels: int) -> str:
 def recovery_message(name: str, history: Dict[str, List[float]], num_labels: int) -> str:
     return (f"modality competition over: the '{name}' half now learns inside the fused model ({name}-only val "
             f"macro-F1 {', '.join(f'{v:.3f}' for v in history[f'{name}_only'][-WARN_AFTER_EVALS:])}, at least "
-            f"{NEAR_CHANCE:g} x chance {1 / max(num_labels, 1):.3f}); it was slow to start, not starved, and is no "
+            f"{NEAR_CHANCE:g} x chance {chance(num_labels):.3f}); it was slow to start, not starved, and is no "
             f"longer listed in metrics.json weak_modalities")
 
 
@@ -95,7 +100,7 @@ def ablation_gaps(results: Dict[str, Dict]) -> Dict[str, float]:
 
 def unused(influence: Dict[str, Dict[str, float]], results: Dict[str, Dict], num_labels: int) -> List[str]:
     """Modalities the fused model ignores although they carry signal alone (see the module docstring)."""
-    limit = NEAR_CHANCE / max(num_labels, 1)
+    limit = NEAR_CHANCE * chance(num_labels)
     return [m for m, inf in influence.items()
             if inf["samples"] >= MIN_SAMPLES and inf["changed"] < UNUSED_BELOW
             and float(results.get(f"{m}_only", {}).get("macro_f1", 0.0)) >= limit]
@@ -106,7 +111,7 @@ def unused_message(name: str, influence: Dict[str, Dict[str, float]], results: D
     inf, alone = influence[name], float(results[f"{name}_only"]["macro_f1"])
     return (f"the fused model does not use '{name}': hiding it changes {inf['changed']:.1%} of the {split} predictions "
             f"({inf['samples']} samples that have it and another input), although {name}_only scores macro-F1 "
-            f"{alone:.3f} (chance {1 / max(num_labels, 1):.3f}); its fusion shuts '{name}' out whenever the others "
+            f"{alone:.3f} (chance {chance(num_labels):.3f}); its fusion shuts '{name}' out whenever the others "
             f"are present. If '{name}' tells something the others do not, compare a run with model.fusion=late "
             f"(which weighs every present input by construction) or concat")
 
